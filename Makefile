@@ -1,0 +1,40 @@
+# Two commands matter: `make repro` and `make test`. Both set up .venv/ from uv.lock first;
+# running them again skips what is already in place.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.synced
+# Stage commands call `python`/`dvc`; put the project's environment first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# uv: the one on PATH, else the one pip installs for the machine's python3.
+UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: setup repro test lint params ui
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
+		|| python3 -m pip install --quiet uv
+	$(UV) sync --frozen --python python3
+	@touch $@
+
+## Run the pipeline: download -> preprocess -> train -> evaluate (only what changed).
+repro: setup
+	dvc repro
+
+## The test suite (CI runs this).
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check src tests
+	ruff format --check src tests
+
+## Re-compose conf/ into params.yaml after editing conf/ (dvc exp run does this itself).
+params: setup
+	python -m mnist_pipeline.params
+
+## Browse the runs: http://127.0.0.1:5000 (local only; see README to share it).
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,205 @@
+"""The configuration schema: one dataclass per config group, validated in one place.
+
+Hydra composes ``conf/`` (or loads ``params.yaml``, the same tree already composed by DVC);
+``load_config`` merges the result onto these dataclasses, so a misspelled key, a wrong type
+or an out-of-range value fails before any work starts, with a message that names the key.
+
+The conf/ YAML files do not name these dataclasses in their defaults lists on purpose: DVC
+composes ``conf/`` in its own process, where this package's ConfigStore entries do not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mnist_pipeline.errors import ConfigError
+
+#: The repository root (src layout: src/mnist_pipeline/config.py -> root).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = str(PROJECT_ROOT / "conf")
+
+#: The four files every MNIST mirror serves, by the logical names the config uses.
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu")
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}, got {value!r}")
+
+
+@dataclass
+class Sha256Config:
+    """SHA-256 of each file's *decompressed* content: honest mirrors may re-compress."""
+
+    train_images: str = MISSING
+    train_labels: str = MISSING
+    test_images: str = MISSING
+    test_labels: str = MISSING
+
+    def check(self) -> None:
+        for key, value in vars(self).items():
+            ok = len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+            _check(ok, f"data.sha256.{key}", "must be 64 lowercase hex digits", value)
+
+
+@dataclass
+class DataConfig:
+    sha256: Sha256Config = field(default_factory=Sha256Config)
+    #: Fraction of the training set held out for validation (0 = none, as in the book).
+    val_split: float = MISSING
+
+    def check(self) -> None:
+        _check(0.0 <= self.val_split < 1.0, "data.val_split", "must be in [0, 1)", self.val_split)
+
+
+@dataclass
+class ModelConfig:
+    #: Number of hidden Dense layers and the width of each.
+    layers: int = MISSING
+    units: int = MISSING
+    activation: str = MISSING
+    dropout: float = MISSING
+    l2: float = MISSING
+
+    def check(self) -> None:
+        _check(self.layers >= 1, "model.layers", "must be >= 1", self.layers)
+        _check(self.units >= 1, "model.units", "must be >= 1", self.units)
+        _check(
+            self.activation in ACTIVATIONS,
+            "model.activation",
+            f"must be one of {', '.join(ACTIVATIONS)}",
+            self.activation,
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(self.l2 >= 0.0, "model.l2", "must be >= 0", self.l2)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    learning_rate: float = MISSING
+    momentum: float = MISSING
+
+    def check(self) -> None:
+        _check(
+            self.name in OPTIMIZERS,
+            "optimizer.name",
+            f"must be one of {', '.join(OPTIMIZERS)}",
+            self.name,
+        )
+        _check(self.learning_rate > 0, "optimizer.learning_rate", "must be > 0", self.learning_rate)
+        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    #: Stop when validation loss has not improved for this many epochs (0 = off; needs a split).
+    early_stopping_patience: int = MISSING
+
+    def check(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(
+            self.early_stopping_patience >= 0,
+            "train.early_stopping_patience",
+            "must be >= 0",
+            self.early_stopping_patience,
+        )
+
+
+@dataclass
+class TrackingConfig:
+    #: MLflow experiment the runs go to. The store itself comes from MLFLOW_TRACKING_URI
+    #: or the project's default; it is not a param, since it does not change results.
+    experiment_name: str = MISSING
+
+
+@dataclass
+class PathsConfig:
+    """Where stages read and write, relative to the repository root (dvc.yaml uses these)."""
+
+    raw: str = MISSING
+    processed: str = MISSING
+    models: str = MISSING
+    reports: str = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = MISSING
+
+    def check(self) -> None:
+        if self.train.early_stopping_patience > 0 and self.data.val_split == 0:
+            raise ConfigError(
+                "train.early_stopping_patience needs a validation set: set data.val_split > 0"
+            )
+
+
+ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+def load_config(cfg: DictConfig | dict) -> PipelineConfig:
+    """Validate a composed config against the schema and return it as dataclasses.
+
+    Raises ConfigError naming the offending key for unknown keys, missing values, wrong types
+    and values out of range.
+    """
+    schema = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        where = f" (key: {key})" if key else ""
+        raise ConfigError(f"invalid configuration{where}: {reason}") from None
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(node: Any) -> None:
+    """Run every ``check`` method, innermost first (types are already right by then)."""
+    if not is_dataclass(node):
+        return
+    for f in fields(node):
+        _check_ranges(getattr(node, f.name))
+    if hasattr(node, "check"):
+        node.check()
+
+
+def flatten(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as dotted keys (``model.units``), the form MLflow params and DVC use."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(container, "")
+    return out

@@ -1,0 +1,117 @@
+"""Stage 4, evaluate: test-set metrics for the trained model, beside its training metrics.
+
+Writes one metrics file with train and test numbers side by side (``dvc metrics show`` /
+``diff``), the confusion matrix as a DVC plot and as a PNG, and adds all of it to the train
+stage's MLflow run, so one run in ``mlflow ui`` holds the whole result.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from mnist_pipeline import files, tracking
+from mnist_pipeline.cli import run_stage
+from mnist_pipeline.config import CONF_DIR, PipelineConfig
+from mnist_pipeline.preprocess import NUM_CLASSES, load_processed
+from mnist_pipeline.train import MODEL_FILE, RUN_FILE
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "test_predictions.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Counts, rows = actual class, columns = predicted class."""
+    index = actual.astype(np.int64) * NUM_CLASSES + predicted
+    return np.bincount(index, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def evaluate(cfg: PipelineConfig) -> dict:
+    """Evaluate the saved model on the test set; return the metrics file's content."""
+    from mnist_pipeline.model import load_model
+
+    models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
+    run = files.read_json(models / RUN_FILE, "train")
+    x_test, y_test = load_processed(cfg, "test")
+    model = load_model(models / MODEL_FILE)
+
+    probabilities = model.predict(x_test, batch_size=1024, verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    eps = np.finfo(np.float32).eps
+    picked = probabilities[np.arange(len(y_test)), y_test]
+    test_loss = float(-np.log(np.clip(picked, eps, 1.0)).mean())
+    matrix = confusion_matrix(y_test, predicted)
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+
+    train_metrics = run["train_metrics"]
+    test_accuracy = float((predicted == y_test).mean())
+    headline = {
+        "fit_accuracy": train_metrics["fit_accuracy"],
+        "train_accuracy": train_metrics["train_accuracy"],
+        "train_loss": train_metrics["train_loss"],
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "accuracy_gap": train_metrics["train_accuracy"] - test_accuracy,
+    }
+    result = {**{k: round(v, 6) for k, v in headline.items()},
+              "per_class_accuracy": {str(c): round(float(a), 6) for c, a in enumerate(per_class)}}
+
+    files.write_json(reports / METRICS_FILE, result)
+    write_predictions(reports / PREDICTIONS_FILE, y_test, predicted)
+    plot_confusion(reports / CONFUSION_PNG, matrix, test_accuracy)
+
+    with tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
+        tracking.log_metrics({k: v for k, v in headline.items() if k.startswith(("test", "acc"))})
+        tracking.log_metrics({f"test_accuracy_class_{c}": a for c, a in enumerate(per_class)})
+        tracking.log_dict({"labels": list(range(NUM_CLASSES)), "matrix": matrix.tolist()},
+                          "confusion_matrix.json")
+        tracking.log_artifact(reports / CONFUSION_PNG)
+        tracking.log_artifact(reports / METRICS_FILE)
+    log.info("test_accuracy %.4f, gap %.4f", test_accuracy, headline["accuracy_gap"])
+    return result
+
+
+def write_predictions(path: Path, actual: np.ndarray, predicted: np.ndarray) -> None:
+    """One row per test image; DVC's confusion template draws the matrix from it."""
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows(zip(actual.tolist(), predicted.tolist(), strict=True))
+
+
+def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted",
+           ylabel="actual", title=f"Test confusion matrix (accuracy {accuracy:.4f})")
+    threshold = matrix.max() / 2
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    fig.tight_layout()
+    with files.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_stage(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

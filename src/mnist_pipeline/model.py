@@ -1,0 +1,70 @@
+"""The network: built from config, defaulting to the book's Dense(512, relu) -> Dense(10, softmax)."""
+
+from __future__ import annotations
+
+import os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the training log; errors stay.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from mnist_pipeline.config import ModelConfig, OptimizerConfig  # noqa: E402
+
+INPUT_DIM = 28 * 28
+NUM_CLASSES = 10
+
+
+def build_model(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig) -> keras.Model:
+    """A compiled multilayer perceptron over flattened 28x28 images."""
+    regularizer = keras.regularizers.L2(model_cfg.l2) if model_cfg.l2 > 0 else None
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(INPUT_DIM,), name="pixels")]
+    for _ in range(model_cfg.layers):
+        layers.append(
+            keras.layers.Dense(
+                model_cfg.units, activation=model_cfg.activation, kernel_regularizer=regularizer
+            )
+        )
+        if model_cfg.dropout > 0:
+            layers.append(keras.layers.Dropout(model_cfg.dropout))
+    layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax"))
+    model = keras.Sequential(layers, name="mnist_mlp")
+    model.compile(
+        optimizer=build_optimizer(optimizer_cfg),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def build_optimizer(cfg: OptimizerConfig) -> keras.optimizers.Optimizer:
+    if cfg.name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate)
+    if cfg.name == "adam":
+        return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+    return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the backend, and make TensorFlow ops deterministic.
+
+    With these, the same params and data give the same weights, bit for bit, on one machine.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    keras.backend.clear_session()
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Load a saved model in Keras safe mode (no arbitrary code from the file is run)."""
+    from mnist_pipeline.errors import PipelineError
+
+    if not os.path.exists(path):
+        raise PipelineError(f"{path} not found: run the train stage first (dvc repro)")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise PipelineError(f"{path} is not a loadable Keras model ({exc}); re-run the train "
+                            "stage") from None

@@ -1,0 +1,208 @@
+"""Everything MLflow: where the store is, how runs are opened, tagged and filled.
+
+Stages call these helpers and never the MLflow API directly, so the store location, the
+tags that make a run reproducible and the model format are decided here once.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mnist_pipeline.config import PROJECT_ROOT, PipelineConfig, flatten
+from mnist_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import mlflow
+    import numpy as np
+
+#: Where DVC runs queued experiments: a temporary copy inside the project's own .dvc/.
+_DVC_EXP_TMP = "/.dvc/tmp/exps/"
+
+
+def project_root(path: Path = PROJECT_ROOT) -> Path:
+    """The repository whose store runs belong to, even from a DVC experiment's temp copy."""
+    text = path.as_posix()
+    if _DVC_EXP_TMP in text:
+        return Path(text.split(_DVC_EXP_TMP)[0])
+    return path
+
+
+def default_tracking_uri() -> str:
+    """An absolute SQLite URI: relative ones silently split runs across working directories."""
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the project's own SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri} is relative to the working directory, so runs would "
+            "scatter across Hydra and DVC experiment folders; use an absolute path "
+            "(sqlite:////abs/path/mlflow.db)"
+        )
+    if uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 deprecates; use "
+            "sqlite:////abs/path/mlflow.db or an http(s):// tracking server"
+        )
+    return uri
+
+
+def _mlflow() -> Any:
+    """Import MLflow with its store configured (the import is deferred: it costs a second)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def ensure_experiment(name: str) -> str:
+    """Create the experiment (and so the database) if needed; return its id.
+
+    On a SQLite store, artifacts go beside the database under ``mlartifacts/``, at an
+    absolute path, instead of MLflow's cwd-relative ``./mlruns``. A tracking server
+    decides for itself.
+    """
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags that say what produced a run: code version and the software that ran it.
+
+    dvc.lock is left out of the dirty check: DVC rewrites it between stages of one repro.
+    """
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+    tags = {
+        "git.commit": commit or "unknown",
+        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "python.version": platform.python_version(),
+    }
+    for package in ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy"):
+        tags[f"version.{package}"] = _package_version(package)
+    return tags
+
+
+@contextmanager
+def start_run(
+    cfg: PipelineConfig, stage: str, run_id: str | None = None, params: dict | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Open (or, with ``run_id``, reopen) a run in the configured experiment.
+
+    A new run gets the stage name, provenance tags and ``params`` (by default the whole
+    flattened config). An exception inside the block ends the run as FAILED.
+    """
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(cfg.tracking.experiment_name)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage) as run:
+        mlflow.set_tags({"stage": stage, **provenance_tags()})
+        mlflow.log_params(flatten(cfg) if params is None else params)
+        yield run
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(obj: dict, name: str) -> None:
+    _mlflow().log_dict(obj, name)
+
+
+def log_dataset(
+    features: np.ndarray, targets: np.ndarray, name: str, digest: str, context: str
+) -> None:
+    """Record a data set the run used (MLflow dataset inputs link runs to their data)."""
+    mlflow = _mlflow()
+    dataset = mlflow.data.from_numpy(features, targets=targets, name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context)
+
+
+def log_keras_model(model: Any, example: np.ndarray) -> str:
+    """Log a Keras 3 model with a signature and input example; return its ``models:/`` URI.
+
+    The pip requirements are given rather than inferred: inference re-imports the model in a
+    subprocess and costs many seconds.
+    """
+    mlflow = _mlflow()
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    requirements = [f"{p}=={_package_version(p)}" for p in ("tensorflow", "keras", "numpy")]
+    with _keras_example_dir_fix():
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+    return info.model_uri
+
+
+@contextmanager
+def _keras_example_dir_fix() -> Iterator[None]:
+    """Work around mlflow/mlflow#16183 (open): the Keras flavor writes the input example
+    before it creates the model folder, so any ``input_example`` fails with
+    FileNotFoundError. Create the folder first, for the duration of one call only."""
+    from unittest import mock
+
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model: Any, example: Any, path: str, *args: Any, **kw: Any) -> Any:
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, example, path, *args, **kw)
+
+    with mock.patch.object(keras_save, "_save_example", save_example):
+        yield

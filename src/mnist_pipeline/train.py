@@ -1,0 +1,119 @@
+"""Stage 3, train: fit the network on the processed training set and save it.
+
+Records two training accuracies that are easy to confuse: ``fit_accuracy``, Keras's running
+average over the last epoch (what the book prints), and ``train_accuracy``, the final model
+evaluated on the whole training set. The MLflow run id goes to ``models/run.json`` so the
+evaluate stage (another process) adds its metrics to the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from mnist_pipeline import files, tracking
+from mnist_pipeline.cli import run_stage
+from mnist_pipeline.config import CONF_DIR, PipelineConfig
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.preprocess import data_hash, load_processed
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+RUN_FILE = "run.json"
+HISTORY_FILE = "train_history.csv"
+
+
+def train(cfg: PipelineConfig) -> dict[str, float]:
+    """Train, save the model and its run reference; return the training metrics."""
+    import keras
+
+    from mnist_pipeline.model import NUM_CLASSES, build_model, seed_everything
+
+    x_train, y_train = load_processed(cfg, "train")
+    x_val, y_val = load_processed(cfg, "val")
+    digest = data_hash(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.optimizer)
+    onehot = lambda y: keras.utils.to_categorical(y, NUM_CLASSES)  # noqa: E731
+    validation = (x_val, onehot(y_val)) if len(x_val) else None
+
+    with tracking.start_run(cfg, "train") as run:
+        tracking.set_tags({"data.content_sha256": digest})
+        tracking.log_dataset(x_train, y_train, "mnist-train", digest, context="training")
+        callbacks: list[keras.callbacks.Callback] = [EpochLogger()]
+        if cfg.train.early_stopping_patience > 0:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                patience=cfg.train.early_stopping_patience, restore_best_weights=True))
+        history = model.fit(
+            x_train, onehot(y_train),
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            validation_data=validation,
+            callbacks=callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
+        ).history
+        if not np.isfinite(history["loss"]).all():
+            raise PipelineError("training diverged (loss is NaN or infinite); the model was "
+                                "not saved: lower optimizer.learning_rate")
+        train_loss, train_accuracy = model.evaluate(
+            x_train, onehot(y_train), batch_size=1024, verbose=0)
+        metrics = {
+            "fit_accuracy": history["accuracy"][-1],
+            "train_accuracy": train_accuracy,
+            "train_loss": train_loss,
+            "epochs_run": len(history["loss"]),
+        }
+        tracking.log_metrics(metrics)
+
+        models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
+        write_history(reports / HISTORY_FILE, history)
+        with files.atomic_path(models / MODEL_FILE, suffix=".keras") as tmp:
+            model.save(tmp)
+        model_uri = tracking.log_keras_model(model, np.asarray(x_train[:5]))
+        files.write_json(models / RUN_FILE, {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "model_uri": model_uri,
+            "train_metrics": {k: float(v) for k, v in metrics.items()},
+        })
+    log.info("fit_accuracy %.4f, train_accuracy %.4f", metrics["fit_accuracy"], train_accuracy)
+    return metrics
+
+
+class _EpochLoggerBase:
+    """Sends each epoch's loss and accuracy to MLflow as it ends (step = epoch, from 1)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        tracking.log_metrics(logs or {}, step=epoch + 1)
+
+
+def EpochLogger():  # noqa: N802 - builds a Keras callback without importing Keras at module load
+    import keras
+
+    return type("EpochLogger", (_EpochLoggerBase, keras.callbacks.Callback), {})()
+
+
+def write_history(path: Path, history: dict[str, list[float]]) -> None:
+    """Per-epoch curves as CSV, the format DVC plots read."""
+    keys = sorted(history)
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", *keys])
+        for i in range(len(history[keys[0]])):
+            writer.writerow([i + 1, *(f"{history[k][i]:.6f}" for k in keys)])
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_stage(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
