@@ -101,7 +101,10 @@ def _download(url: str, dest: Path) -> None:
     """Stream ``url`` to ``dest`` with a progress bar, retrying transient errors with backoff."""
     for attempt in range(1, RETRIES + 1):
         try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(dest, "wb") as out:
+            with (
+                urllib.request.urlopen(url, timeout=TIMEOUT_S) as response,
+                open(dest, "wb") as out,
+            ):
                 total = int(response.headers.get("Content-Length") or 0) or None
                 name = url.rsplit("/", 1)[-1]
                 with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=None) as bar:
@@ -131,7 +134,9 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_verified(filename: str, expected_sha256: str, sources: list[Mirror], dest: Path) -> Mirror:
+def fetch_verified(
+    filename: str, expected_sha256: str, sources: list[Mirror], dest: Path
+) -> Mirror:
     """Put a verified copy of ``filename`` at ``dest``; return the mirror that served it."""
     failures = []
     for mirror in sources:
@@ -142,7 +147,9 @@ def fetch_verified(filename: str, expected_sha256: str, sources: list[Mirror], d
                 mirror.fetch(filename, tmp)
                 actual = content_sha256(tmp)
                 if actual != expected_sha256:
-                    raise MirrorError(f"checksum mismatch (sha256 {actual}, want {expected_sha256})")
+                    raise MirrorError(
+                        f"checksum mismatch (sha256 {actual}, want {expected_sha256})"
+                    )
         except MirrorError as exc:
             log.warning("mirror %s failed for %s: %s", mirror, filename, exc)
             failures.append(f"  {mirror}: {exc}")
@@ -150,7 +157,8 @@ def fetch_verified(filename: str, expected_sha256: str, sources: list[Mirror], d
         log.info("%s: verified, from %s", filename, mirror)
         return mirror
     raise DataError(
-        f"could not get a verified {filename} from any mirror; tried:\n" + "\n".join(failures)
+        f"could not get a verified {filename} from any mirror; tried:\n"
+        + "\n".join(failures)
         + f"\nSet {MIRROR_ENV} to a folder or URL that holds the MNIST files."
     )
 
@@ -177,8 +185,10 @@ def download(cfg: PipelineConfig) -> dict[str, str]:
             }
         )
         tracking.log_dict(
-            {f: {"source": origin[f], "sha256": getattr(cfg.data.sha256, k)}
-             for k, f in MNIST_FILES.items()},
+            {
+                f: {"source": origin[f], "sha256": getattr(cfg.data.sha256, k)}
+                for k, f in MNIST_FILES.items()
+            },
             "download.json",
         )
     return origin

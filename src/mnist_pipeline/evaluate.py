@@ -61,8 +61,10 @@ def evaluate(cfg: PipelineConfig) -> dict:
         "test_loss": test_loss,
         "accuracy_gap": train_metrics["train_accuracy"] - test_accuracy,
     }
-    result = {**{k: round(v, 6) for k, v in headline.items()},
-              "per_class_accuracy": {str(c): round(float(a), 6) for c, a in enumerate(per_class)}}
+    result = {
+        **{k: round(v, 6) for k, v in headline.items()},
+        "per_class_accuracy": {str(c): round(float(a), 6) for c, a in enumerate(per_class)},
+    }
 
     files.write_json(reports / METRICS_FILE, result)
     write_predictions(reports / PREDICTIONS_FILE, y_test, predicted)
@@ -71,8 +73,9 @@ def evaluate(cfg: PipelineConfig) -> dict:
     with tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
         tracking.log_metrics({k: v for k, v in headline.items() if k.startswith(("test", "acc"))})
         tracking.log_metrics({f"test_accuracy_class_{c}": a for c, a in enumerate(per_class)})
-        tracking.log_dict({"labels": list(range(NUM_CLASSES)), "matrix": matrix.tolist()},
-                          "confusion_matrix.json")
+        tracking.log_dict(
+            {"labels": list(range(NUM_CLASSES)), "matrix": matrix.tolist()}, "confusion_matrix.json"
+        )
         tracking.log_artifact(reports / CONFUSION_PNG)
         tracking.log_artifact(reports / METRICS_FILE)
     log.info("test_accuracy %.4f, gap %.4f", test_accuracy, headline["accuracy_gap"])
@@ -96,12 +99,24 @@ def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
-    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted",
-           ylabel="actual", title=f"Test confusion matrix (accuracy {accuracy:.4f})")
+    ax.set(
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"Test confusion matrix (accuracy {accuracy:.4f})",
+    )
     threshold = matrix.max() / 2
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > threshold else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > threshold else "black",
+        )
     fig.tight_layout()
     with files.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

@@ -1,4 +1,4 @@
-"""The network: built from config, defaulting to the book's Dense(512, relu) -> Dense(10, softmax)."""
+"""The network, built from config; the defaults are the book's Dense(512, relu) -> Dense(10)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the training log; errors stay.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+import keras
 
-from mnist_pipeline.config import ModelConfig, OptimizerConfig  # noqa: E402
+from mnist_pipeline.config import ModelConfig, OptimizerConfig
 
 INPUT_DIM = 28 * 28
 NUM_CLASSES = 10
@@ -66,5 +66,6 @@ def load_model(path: str | os.PathLike) -> keras.Model:
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
-        raise PipelineError(f"{path} is not a loadable Keras model ({exc}); re-run the train "
-                            "stage") from None
+        raise PipelineError(
+            f"{path} is not a loadable Keras model ({exc}); re-run the train stage"
+        ) from None

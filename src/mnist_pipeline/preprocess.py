@@ -34,14 +34,20 @@ def load_pair(raw: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, 
     labels = read_idx(raw / MNIST_FILES[labels_key])
     name = MNIST_FILES[images_key]
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{name}: expected uint8 images of shape (n, rows, cols), "
-                        f"got {images.dtype} {images.shape}")
+        raise DataError(
+            f"{name}: expected uint8 images of shape (n, rows, cols), "
+            f"got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{MNIST_FILES[labels_key]}: expected a uint8 vector of labels, "
-                        f"got {labels.dtype} {labels.shape}")
+        raise DataError(
+            f"{MNIST_FILES[labels_key]}: expected a uint8 vector of labels, "
+            f"got {labels.dtype} {labels.shape}"
+        )
     if len(images) != len(labels):
-        raise DataError(f"{name} has {len(images)} images but {MNIST_FILES[labels_key]} "
-                        f"has {len(labels)} labels")
+        raise DataError(
+            f"{name} has {len(images)} images but {MNIST_FILES[labels_key]} "
+            f"has {len(labels)} labels"
+        )
     if len(images) == 0:
         raise DataError(f"{name}: no images")
     if labels.max() >= NUM_CLASSES:
@@ -78,7 +84,7 @@ def statistics(images: np.ndarray, labels: dict[str, np.ndarray]) -> dict:
     return {
         "train_pixel_mean": round(float(mean), 6),
         "train_pixel_std": round(float(std), 6),
-        **{f"{name}_count": int(len(y)) for name, y in labels.items()},
+        **{f"{name}_count": len(y) for name, y in labels.items()},
         "class_counts": {
             name: {str(c): int(n) for c, n in enumerate(np.bincount(y, minlength=NUM_CLASSES))}
             for name, y in labels.items()
@@ -102,24 +108,35 @@ def preprocess(cfg: PipelineConfig) -> dict:
     train_images, train_labels = load_pair(raw, "train_images", "train_labels")
     test_images, test_labels = load_pair(raw, "test_images", "test_labels")
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"training images are {train_images.shape[1:]} but test images are "
-                        f"{test_images.shape[1:]}")
+        raise DataError(
+            f"training images are {train_images.shape[1:]} but test images are "
+            f"{test_images.shape[1:]}"
+        )
 
     (x_train, y_train), (x_val, y_val) = split(
         to_features(train_images), train_labels, cfg.data.val_split, cfg.seed
     )
-    arrays = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
-              "x_test": to_features(test_images), "y_test": test_labels}
+    arrays = {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_val": x_val,
+        "y_val": y_val,
+        "x_test": to_features(test_images),
+        "y_test": test_labels,
+    }
     stats = statistics(train_images, {"train": y_train, "val": y_val, "test": test_labels})
     digest = content_hash(arrays)
 
-    with tracking.start_run(cfg, "preprocess", params={"data.val_split": cfg.data.val_split,
-                                                       "seed": cfg.seed}):
+    with tracking.start_run(
+        cfg, "preprocess", params={"data.val_split": cfg.data.val_split, "seed": cfg.seed}
+    ):
         for name, array in arrays.items():
             with files.atomic_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, array, allow_pickle=False)
-        files.write_json(out / "manifest.json", {"content_sha256": digest,
-                                                 "shapes": {k: list(v.shape) for k, v in arrays.items()}})
+        files.write_json(
+            out / "manifest.json",
+            {"content_sha256": digest, "shapes": {k: list(v.shape) for k, v in arrays.items()}},
+        )
         files.write_json(Path(cfg.paths.reports) / "data.json", stats)
         tracking.set_tags({"data.content_sha256": digest})
         tracking.log_metrics({k: v for k, v in stats.items() if not isinstance(v, dict)})
@@ -130,7 +147,9 @@ def preprocess(cfg: PipelineConfig) -> dict:
     return stats
 
 
-def load_processed(cfg: PipelineConfig, split_name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_processed(
+    cfg: PipelineConfig, split_name: str, mmap: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Load one split written by this stage (memory-mapped), with a clear error if missing."""
     out = Path(cfg.paths.processed)
     paths = [out / f"x_{split_name}.npy", out / f"y_{split_name}.npy"]

@@ -49,10 +49,14 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
         tracking.log_dataset(x_train, y_train, "mnist-train", digest, context="training")
         callbacks: list[keras.callbacks.Callback] = [EpochLogger()]
         if cfg.train.early_stopping_patience > 0:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                patience=cfg.train.early_stopping_patience, restore_best_weights=True))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    patience=cfg.train.early_stopping_patience, restore_best_weights=True
+                )
+            )
         history = model.fit(
-            x_train, onehot(y_train),
+            x_train,
+            onehot(y_train),
             epochs=cfg.train.epochs,
             batch_size=cfg.train.batch_size,
             validation_data=validation,
@@ -60,10 +64,13 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
         ).history
         if not np.isfinite(history["loss"]).all():
-            raise PipelineError("training diverged (loss is NaN or infinite); the model was "
-                                "not saved: lower optimizer.learning_rate")
+            raise PipelineError(
+                "training diverged (loss is NaN or infinite); the model was "
+                "not saved: lower optimizer.learning_rate"
+            )
         train_loss, train_accuracy = model.evaluate(
-            x_train, onehot(y_train), batch_size=1024, verbose=0)
+            x_train, onehot(y_train), batch_size=1024, verbose=0
+        )
         metrics = {
             "fit_accuracy": history["accuracy"][-1],
             "train_accuracy": train_accuracy,
@@ -77,12 +84,15 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
         with files.atomic_path(models / MODEL_FILE, suffix=".keras") as tmp:
             model.save(tmp)
         model_uri = tracking.log_keras_model(model, np.asarray(x_train[:5]))
-        files.write_json(models / RUN_FILE, {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "model_uri": model_uri,
-            "train_metrics": {k: float(v) for k, v in metrics.items()},
-        })
+        files.write_json(
+            models / RUN_FILE,
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": run.info.experiment_id,
+                "model_uri": model_uri,
+                "train_metrics": {k: float(v) for k, v in metrics.items()},
+            },
+        )
     log.info("fit_accuracy %.4f, train_accuracy %.4f", metrics["fit_accuracy"], train_accuracy)
     return metrics
 
@@ -94,7 +104,7 @@ class _EpochLoggerBase:
         tracking.log_metrics(logs or {}, step=epoch + 1)
 
 
-def EpochLogger():  # noqa: N802 - builds a Keras callback without importing Keras at module load
+def EpochLogger():
     import keras
 
     return type("EpochLogger", (_EpochLoggerBase, keras.callbacks.Callback), {})()

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny MNIST-format data, an isolated MLflow store, composed configs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mnist_pipeline.config import CONF_DIR, MNIST_FILES, PipelineConfig, load_config
+from mnist_pipeline.idx import to_idx_bytes, write_idx
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TRAIN_SIZE, TEST_SIZE = 240, 80
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable stand-ins for digits: one fixed noisy template per class, all ten classes."""
+    templates = np.random.default_rng(0).random((10, 28, 28)) > 0.7
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    noise = rng.random((n, 28, 28)) > 0.9
+    images = np.where(templates[labels] ^ noise, 255, 0).astype(np.uint8)
+    return images, labels
+
+
+def make_mirror(folder: Path) -> dict[str, str]:
+    """Write the four gzipped IDX files into ``folder``; return their content SHA-256s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = synthetic_digits(TRAIN_SIZE, seed=1)
+    test = synthetic_digits(TEST_SIZE, seed=2)
+    arrays = {
+        "train_images": train[0],
+        "train_labels": train[1],
+        "test_images": test[0],
+        "test_labels": test[1],
+    }
+    sha = {}
+    for key, array in arrays.items():
+        write_idx(folder / MNIST_FILES[key], array)
+        sha[key] = hashlib.sha256(to_idx_bytes(array)).hexdigest()
+    return sha
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A local mirror of tiny MNIST-format data and the checksums that verify it."""
+    folder = tmp_path_factory.mktemp("mirror")
+    return folder, make_mirror(folder)
+
+
+def sha_overrides(sha: dict[str, str]) -> list[str]:
+    return [f"data.sha256.{key}={value}" for key, value in sha.items()]
+
+
+def compose_config(overrides: list[str] | None = None) -> PipelineConfig:
+    """conf/ composed with Hydra overrides and validated, as a stage would see it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return load_config(compose(config_name="config", overrides=overrides or []))
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store for one test (never the project's own)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run stages in a temporary folder: their relative output paths land there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def tiny_cfg(tiny_mirror, tracking_store, workdir, monkeypatch) -> PipelineConfig:
+    """The default config on tiny data: 1 epoch, the tiny mirror as MNIST_MIRROR."""
+    folder, sha = tiny_mirror
+    monkeypatch.setenv("MNIST_MIRROR", str(folder))
+    return compose_config([*sha_overrides(sha), "train.epochs=1", "model.units=32"])
+
+
+@pytest.fixture(autouse=True)
+def no_public_mirrors(monkeypatch):
+    """Tests never reach the network: only the mirrors a test names are tried."""
+    monkeypatch.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", ())

@@ -1,0 +1,97 @@
+"""One config, three entry points: conf/ (Hydra), params.yaml (dvc repro), DVC's composition."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mnist_pipeline.config import CONF_DIR, PROJECT_ROOT, flatten
+from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.params import compose_params
+from tests.conftest import compose_config
+
+
+def test_params_yaml_is_composed_conf(tmp_path):
+    """params.yaml must be exactly what DVC composes from conf/: otherwise `dvc repro` and
+    `dvc exp run` would train different models. Fix a failure with `make params`."""
+    from dvc.utils.hydra import compose_and_dump
+
+    dvc_output = tmp_path / "params.yaml"
+    compose_and_dump(dvc_output, CONF_DIR, None, "config", str(tmp_path), [])
+    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    assert yaml.safe_load(dvc_output.read_text()) == yaml.safe_load(committed)
+    assert compose_params() == committed
+
+
+def test_dvc_and_our_composition_agree_with_overrides(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    overrides = ["optimizer=adam", "train.epochs=10"]
+    compose_and_dump(tmp_path / "p.yaml", CONF_DIR, None, "config", str(tmp_path), overrides)
+    ours = yaml.safe_load(compose_params(overrides))
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text()) == ours
+    assert ours["optimizer"]["name"] == "adam" and ours["train"]["epochs"] == 10
+
+
+def test_defaults_are_the_books_network():
+    cfg = compose_config()
+    assert (cfg.model.layers, cfg.model.units, cfg.model.activation) == (1, 512, "relu")
+    assert (cfg.model.dropout, cfg.model.l2) == (0.0, 0.0)
+    assert cfg.optimizer.name == "rmsprop"
+    assert (cfg.train.epochs, cfg.train.batch_size) == (5, 128)
+    assert cfg.data.val_split == 0.0
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(compose_config())
+    assert flat["model.units"] == 512
+    assert flat["train.epochs"] == 5
+    assert "data.sha256.train_images" in flat
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+train.epochz=3"], "epochz"),
+        (["train.epochs=five"], "train.epochs"),
+        (["train.epochs=0"], "train.epochs must be >= 1"),
+        (["model.units=-4"], "model.units must be >= 1"),
+        (["data.val_split=1.0"], r"data.val_split must be in \[0, 1\)"),
+        (["model.dropout=1.5"], "model.dropout"),
+        (["optimizer.name=adagrad"], "optimizer.name must be one of"),
+        (["model.activation=swishy"], "model.activation must be one of"),
+        (["data.sha256.train_images=abc"], "data.sha256.train_images must be 64"),
+        (["train.early_stopping_patience=2"], "needs a validation set"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def test_stage_cli_reports_config_error_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.download", "train.epochs=0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "error: train.epochs must be >= 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_stage_cli_unknown_group_option(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.train", "optimizer=adagrad"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Could not find 'optimizer/adagrad'" in result.stderr
+    assert "Traceback" not in result.stderr

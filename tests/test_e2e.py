@@ -1,0 +1,120 @@
+"""The whole pipeline through real DVC and real MLflow, in a temporary copy of the project."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from mnist_pipeline.config import PROJECT_ROOT
+from mnist_pipeline.params import compose_params
+
+pytestmark = pytest.mark.slow
+
+COPIED = ["dvc.yaml", "conf", "src", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def edit_yaml(path: Path, **values) -> None:
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in values.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path, tiny_mirror):
+    """A git repository holding the project, set up for tiny data and a 1-epoch training."""
+    folder, sha = tiny_mirror
+    repo = tmp_path / "repo"
+    for name in COPIED:
+        src, dst = PROJECT_ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
+    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
+    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
+    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
+
+    store = tmp_path / "store" / "mlflow.db"
+    env = {
+        **os.environ,
+        "MNIST_MIRROR": str(folder),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run(cmd, repo, env)
+    return repo, env
+
+
+def test_dvc_repro_end_to_end(project, monkeypatch):
+    repo, env = project
+    run(["dvc", "repro"], repo, env)
+
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
+    shown = metrics[""]["data"]["reports/metrics.json"]["data"]
+    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "test_loss", "accuracy_gap"):
+        assert 0 <= shown[key] < 100
+    assert shown["accuracy_gap"] == pytest.approx(
+        shown["train_accuracy"] - shown["test_accuracy"], abs=2e-6
+    )
+
+    again = run(["dvc", "repro"], repo, env)
+    assert "Data and pipelines are up to date" in again
+    assert "Running stage" not in again
+
+    # MLflow holds the stages' runs; the train run has the whole result and the model.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert sorted(r.data.tags["stage"] for r in runs) == ["download", "preprocess", "train"]
+    run_ref = json.loads((repo / "models/run.json").read_text())
+    train_run = mlflow.get_run(run_ref["run_id"])
+    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"):
+        assert train_run.data.metrics[key] == pytest.approx(shown[key], abs=1e-5)
+    assert train_run.data.params["model.units"] == "32"
+    assert train_run.data.tags["git.dirty"] == "false"
+
+    # The logged model reproduces the reported test accuracy.
+    model = mlflow.pyfunc.load_model(run_ref["model_uri"])
+    x_test = np.load(repo / "data/processed/x_test.npy", allow_pickle=False)
+    y_test = np.load(repo / "data/processed/y_test.npy", allow_pickle=False)
+    accuracy = (np.asarray(model.predict(x_test)).argmax(axis=1) == y_test).mean()
+    assert accuracy == pytest.approx(shown["test_accuracy"], abs=1e-6)
+
+
+def test_param_change_reruns_only_what_it_touches(project):
+    repo, env = project
+    run(["dvc", "repro"], repo, env)
+    out = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
+    assert experiments, shown
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert "test_accuracy" in data["metrics"]["reports/metrics.json"]["data"]

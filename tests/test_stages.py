@@ -1,0 +1,128 @@
+"""Each stage called in process on tiny data, as DVC would run it."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from mnist_pipeline import download, evaluate, preprocess, train
+from mnist_pipeline.errors import DataError, PipelineError
+from tests.conftest import TEST_SIZE, TRAIN_SIZE, compose_config, sha_overrides
+
+
+@pytest.fixture
+def prepared(tiny_cfg):
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    return tiny_cfg
+
+
+def test_preprocess_outputs(prepared):
+    out = Path(prepared.paths.processed)
+    x_train = np.load(out / "x_train.npy", mmap_mode="r", allow_pickle=False)
+    y_train = np.load(out / "y_train.npy", allow_pickle=False)
+    assert x_train.shape == (TRAIN_SIZE, 784) and x_train.dtype == np.float32
+    assert x_train.min() >= 0.0 and x_train.max() == 1.0
+    assert y_train.dtype == np.uint8 and set(np.unique(y_train)) == set(range(10))
+    stats = json.loads((Path(prepared.paths.reports) / "data.json").read_text())
+    assert stats["train_count"] == TRAIN_SIZE and stats["test_count"] == TEST_SIZE
+    assert sum(stats["class_counts"]["train"].values()) == TRAIN_SIZE
+    assert stats["train_pixel_mean"] == pytest.approx(x_train.mean() * 255, rel=1e-5)
+
+
+def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
+    download.download(tiny_cfg)
+    cfg = compose_config([*sha_overrides(tiny_mirror[1]), "data.val_split=0.25"])
+    preprocess.preprocess(cfg)
+    x_train, _ = preprocess.load_processed(cfg, "train")
+    x_val, _ = preprocess.load_processed(cfg, "val")
+    assert len(x_val) == TRAIN_SIZE // 4 and len(x_train) == TRAIN_SIZE - TRAIN_SIZE // 4
+    first = np.array(x_val)
+    preprocess.preprocess(cfg)
+    np.testing.assert_array_equal(preprocess.load_processed(cfg, "val")[0], first)
+
+
+def test_preprocess_refuses_mismatched_counts(prepared):
+    from mnist_pipeline.config import MNIST_FILES
+    from mnist_pipeline.idx import write_idx
+
+    raw = Path(prepared.paths.raw)
+    write_idx(raw / MNIST_FILES["test_labels"], np.zeros(TEST_SIZE - 1, np.uint8))
+    with pytest.raises(DataError, match=f"has {TEST_SIZE} images but .* has {TEST_SIZE - 1}"):
+        preprocess.preprocess(prepared)
+
+
+def test_train_then_evaluate_fill_one_mlflow_run(prepared):
+    train_metrics = train.train(prepared)
+    result = evaluate.evaluate(prepared)
+
+    models, reports = Path(prepared.paths.models), Path(prepared.paths.reports)
+    assert (models / "model.keras").exists()
+    run_ref = json.loads((models / "run.json").read_text())
+    metrics = json.loads((reports / "metrics.json").read_text())
+    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"):
+        assert key in metrics
+    assert metrics["accuracy_gap"] == pytest.approx(
+        metrics["train_accuracy"] - metrics["test_accuracy"], abs=2e-6
+    )
+    assert metrics["train_accuracy"] == pytest.approx(train_metrics["train_accuracy"], abs=1e-6)
+    assert len((reports / "test_predictions.csv").read_text().splitlines()) == TEST_SIZE + 1
+    assert (reports / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(result["per_class_accuracy"]) == 10
+
+    run = mlflow.get_run(run_ref["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.units"] == "32"
+    assert run.data.params["train.epochs"] == "1"
+    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key], abs=1e-6)
+    for tag in (
+        "git.commit",
+        "git.dirty",
+        "data.content_sha256",
+        "version.tensorflow",
+        "version.keras",
+    ):
+        assert tag in run.data.tags
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix.json", "metrics.json"} <= artifacts
+    assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+
+    # The logged model loads back through MLflow and predicts the same classes.
+    x_test, _ = preprocess.load_processed(prepared, "test")
+    logged = mlflow.pyfunc.load_model(run_ref["model_uri"])
+    keras_model = mlflow.keras.load_model(run_ref["model_uri"])
+    predicted = np.asarray(logged.predict(np.asarray(x_test))).argmax(axis=1)
+    np.testing.assert_array_equal(predicted, keras_model.predict(x_test, verbose=0).argmax(1))
+    assert logged.metadata.signature is not None
+
+
+def test_training_is_deterministic(prepared):
+    from mnist_pipeline.model import load_model
+
+    path = Path(prepared.paths.models) / "model.keras"
+    train.train(prepared)
+    first = [w.copy() for w in load_model(path).get_weights()]
+    train.train(prepared)
+    second = load_model(path).get_weights()
+    assert len(first) == len(second) == 4
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stages_out_of_order_say_what_to_run(tiny_cfg):
+    with pytest.raises(DataError, match="run the preprocess stage first"):
+        train.train(tiny_cfg)
+    with pytest.raises(PipelineError, match="run the train stage first"):
+        evaluate.evaluate(tiny_cfg)
+
+
+def test_corrupt_model_is_refused(prepared):
+    train.train(prepared)
+    (Path(prepared.paths.models) / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match="not a loadable Keras model"):
+        evaluate.evaluate(prepared)
