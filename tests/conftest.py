@@ -66,10 +66,19 @@ def compose_config(overrides: list[str] | None = None) -> PipelineConfig:
 
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store for one test (never the project's own)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A fresh SQLite MLflow store for one test (never the project's own).
+
+    MLflow's process-wide URI (set by earlier stages in this process) outranks the
+    environment variable, so it is set here too and cleared afterwards.
+    """
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir(exist_ok=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def edit_yaml(path: Path, **values) -> None:
 
 
 @pytest.fixture
-def project(tmp_path, tiny_mirror):
+def project(tmp_path, tiny_mirror, tracking_store):
     """A git repository holding the project, set up for tiny data and a 1-epoch training."""
     folder, sha = tiny_mirror
     repo = tmp_path / "repo"
@@ -54,11 +54,9 @@ def project(tmp_path, tiny_mirror):
     edit_yaml(repo / "conf/model/mlp.yaml", units=32)
     (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
 
-    store = tmp_path / "store" / "mlflow.db"
     env = {
         **os.environ,
         "MNIST_MIRROR": str(folder),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
@@ -70,7 +68,7 @@ def project(tmp_path, tiny_mirror):
     return repo, env
 
 
-def test_dvc_repro_end_to_end(project, monkeypatch):
+def test_dvc_repro_end_to_end(project):
     repo, env = project
     run(["dvc", "repro"], repo, env)
 
@@ -87,7 +85,6 @@ def test_dvc_repro_end_to_end(project, monkeypatch):
     assert "Running stage" not in again
 
     # MLflow holds the stages' runs; the train run has the whole result and the model.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     assert sorted(r.data.tags["stage"] for r in runs) == ["download", "preprocess", "train"]
     run_ref = json.loads((repo / "models/run.json").read_text())
