@@ -95,3 +95,15 @@ def test_stage_cli_unknown_group_option(tmp_path):
     assert result.returncode == 1
     assert "Could not find 'optimizer/adagrad'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_seed_baseline_experiment_is_the_default():
+    assert compose_config(["experiment=seed_baseline"]) == compose_config()
+
+
+def test_overfit_and_regularized_differ_where_it_matters():
+    overfit = compose_config(["experiment=overfit"])
+    regularized = compose_config(["experiment=regularized"])
+    assert overfit.train.epochs >= 20 and overfit.model.dropout == 0
+    assert regularized.model.dropout > 0 and regularized.model.l2 > 0
+    assert regularized.data.val_split > 0 and regularized.train.early_stopping_patience > 0

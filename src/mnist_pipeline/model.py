@@ -50,11 +50,16 @@ def seed_everything(seed: int) -> None:
 
     With these, the same params and data give the same weights, bit for bit, on one machine.
     """
+    import logging
+
     import tensorflow as tf
 
+    # Several models trained in one process (a sweep) make TensorFlow warn about
+    # "retracing"; that is expected here, not a performance bug.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    keras.backend.clear_session()  # a fresh graph/name scope for each training in a process
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    keras.backend.clear_session()
 
 
 def load_model(path: str | os.PathLike) -> keras.Model:

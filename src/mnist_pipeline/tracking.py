@@ -119,6 +119,21 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+#: Set by a sweep job (see ``job_context``): the parent run and the tags of that job.
+_job: dict[str, Any] = {}
+
+
+@contextmanager
+def job_context(parent_run_id: str, tags: dict[str, str]) -> Iterator[None]:
+    """Within this block, new train runs become children of ``parent_run_id`` with ``tags``
+    (the sweep id, job number and overrides); other stages' runs only get the parent."""
+    _job.update(parent_run_id=parent_run_id, tags=tags)
+    try:
+        yield
+    finally:
+        _job.clear()
+
+
 @contextmanager
 def start_run(
     cfg: PipelineConfig, stage: str, run_id: str | None = None, params: dict | None = None
@@ -126,18 +141,95 @@ def start_run(
     """Open (or, with ``run_id``, reopen) a run in the configured experiment.
 
     A new run gets the stage name, provenance tags and ``params`` (by default the whole
-    flattened config). An exception inside the block ends the run as FAILED.
+    flattened config). An exception inside the block ends the run as FAILED, with the
+    error in the ``error`` tag.
     """
     mlflow = _mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment_name)
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id) as run:
+        with mlflow.start_run(run_id=run_id) as run, _record_error(mlflow):
             yield run
         return
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage) as run:
-        mlflow.set_tags({"stage": stage, **provenance_tags()})
+    tags = {"stage": stage, **provenance_tags()}
+    if stage == "train" and _job:
+        tags.update(_job["tags"])
+        _job["run_started"] = True
+    with (
+        mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=tags.get("sweep_job_name", stage),
+            parent_run_id=_job.get("parent_run_id"),
+            tags=tags,
+        ) as run,
+        _record_error(mlflow),
+    ):
         mlflow.log_params(flatten(cfg) if params is None else params)
         yield run
+
+
+@contextmanager
+def _record_error(mlflow: Any) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        raise
+
+
+def job_run_started() -> bool:
+    """Whether this sweep job got as far as opening its run (which then ended FAILED)."""
+    return bool(_job.get("run_started"))
+
+
+def record_failed_job(experiment_name: str, error: BaseException, params: dict) -> str:
+    """A FAILED run for a sweep job that could not start (an invalid config, say)."""
+    client = _mlflow().MlflowClient()
+    run = client.create_run(
+        ensure_experiment(experiment_name),
+        run_name=_job.get("tags", {}).get("sweep_job_name"),
+        tags={
+            "stage": "train",
+            "mlflow.parentRunId": _job.get("parent_run_id", ""),
+            "error": f"{type(error).__name__}: {error}"[:5000],
+            **provenance_tags(),
+            **_job.get("tags", {}),
+        },
+    )
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
+
+
+def create_parent_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run, opened without making it the process's active run (in the
+    basic launcher the jobs run in this same process and open runs of their own)."""
+    client = _mlflow().MlflowClient()
+    run = client.create_run(
+        ensure_experiment(experiment_name),
+        run_name=run_name,
+        tags={**tags, **provenance_tags()},
+    )
+    return run.info.run_id
+
+
+def child_runs(parent_run_id: str) -> list[Any]:
+    mlflow = _mlflow()
+    parent = mlflow.get_run(parent_run_id)
+    return mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        output_format="list",
+    )
+
+
+def end_parent_run(parent_run_id: str, failed: bool) -> None:
+    status = "FAILED" if failed else "FINISHED"
+    _mlflow().MlflowClient().set_terminated(parent_run_id, status=status)
+
+
+def log_artifact_to(run_id: str, path: str | Path) -> None:
+    _mlflow().MlflowClient().log_artifact(run_id, str(path))
 
 
 def set_tags(tags: dict[str, Any]) -> None:

@@ -1,0 +1,207 @@
+"""Compare runs: a table of the params that differ and the train/test gap, and a picture.
+
+    python -m mnist_pipeline.compare                      # the latest sweep
+    python -m mnist_pipeline.compare --sweep-id 20261129-041200-ab12cd
+    python -m mnist_pipeline.compare --experiment mnist --filter "params.model.units = '512'"
+    python -m mnist_pipeline.compare --sort accuracy_gap --markdown t.md --csv t.csv --plot g.png
+
+Reads the configured MLflow store (``MLFLOW_TRACKING_URI`` or the project's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mnist_pipeline import tracking
+from mnist_pipeline.errors import PipelineError
+
+HEADLINE = ["fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"]
+
+
+def select_runs(
+    sweep_id: str | None = None, experiment: str | None = None, filter_string: str = ""
+) -> list[Any]:
+    """Finished training runs: of one sweep (by default the latest), or of an experiment
+    matching an MLflow filter string."""
+    mlflow = tracking._mlflow()
+    if experiment is None and not filter_string:
+        if sweep_id is None:
+            parents = mlflow.search_runs(
+                search_all_experiments=True,
+                filter_string="tags.sweep_role = 'parent'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+                output_format="list",
+            )
+            if not parents:
+                raise PipelineError("no sweep found in the store; run one or pass --experiment")
+            sweep_id = parents[0].data.tags["sweep_parent"]
+        filter_string = f"tags.sweep_id = '{sweep_id}'"
+    elif sweep_id is not None:
+        filter_string = " and ".join(filter(None, [filter_string, f"tags.sweep_id = '{sweep_id}'"]))
+    clauses = ["tags.stage = 'train'", "attributes.status = 'FINISHED'", filter_string]
+    kwargs: dict[str, Any] = {"search_all_experiments": True}
+    if experiment is not None:
+        kwargs = {"experiment_names": [experiment]}
+    runs = mlflow.search_runs(
+        filter_string=" and ".join(c for c in clauses if c), output_format="list", **kwargs
+    )
+    if not runs:
+        raise PipelineError(f"no finished training runs match: {filter_string or experiment}")
+    return runs
+
+
+def varying_params(runs: list[Any]) -> list[str]:
+    """The params whose values differ among ``runs`` (the ones a comparison is about).
+    Output locations (``paths.*``) differ between sweep jobs by design and are left out."""
+    frame = pd.DataFrame([r.data.params for r in runs])
+    return sorted(
+        c
+        for c in frame.columns
+        if not c.startswith("paths.") and frame[c].nunique(dropna=False) > 1
+    )
+
+
+def runs_table(
+    runs: list[Any], sort: str = "test_accuracy", ascending: bool = False
+) -> pd.DataFrame:
+    """One row per run: name, the varying params, headline metrics and duration."""
+    params = varying_params(runs)
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.info.run_name}
+        row.update({p: _number(run.data.params.get(p)) for p in params})
+        row.update({m: run.data.metrics.get(m) for m in HEADLINE})
+        end = run.info.end_time or run.info.start_time
+        row["duration_s"] = round((end - run.info.start_time) / 1000, 1)
+        row["run_id"] = run.info.run_id
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if sort not in table.columns:
+        raise PipelineError(f"cannot sort by {sort!r}; columns: {', '.join(table.columns)}")
+    return table.sort_values(sort, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+def _number(value: str | None) -> Any:
+    """MLflow stores params as text; show numbers as numbers so they sort and plot."""
+    if value is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def to_text(table: pd.DataFrame) -> str:
+    return table.drop(columns="run_id").to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    return table.drop(columns="run_id").to_markdown(index=False, floatfmt=".4f")
+
+
+def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
+    """Left: train and test accuracy per run (against the swept param when there is just
+    one). Right: the per-epoch training accuracy of every run, overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mnist_pipeline import files
+
+    params = [c for c in table.columns if c not in {"run", "run_id", "duration_s", *HEADLINE}]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
+        ordered = table.sort_values(params[0])
+        for metric, style in (("train_accuracy", "o-"), ("test_accuracy", "s-")):
+            left.plot(ordered[params[0]], ordered[metric], style, label=metric)
+        left.set_xlabel(params[0])
+    else:
+        x = range(len(table))
+        left.bar([i - 0.2 for i in x], table["train_accuracy"], 0.4, label="train_accuracy")
+        left.bar([i + 0.2 for i in x], table["test_accuracy"], 0.4, label="test_accuracy")
+        labels = [_label(row, params) for _, row in table.iterrows()]
+        left.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
+        low = min(table["test_accuracy"].min(), table["train_accuracy"].min())
+        left.set_ylim(max(0.0, low - 0.02), 1.0)
+    left.set_ylabel("accuracy")
+    left.set_title("Train vs test accuracy (the gap)")
+    left.legend()
+
+    client = tracking._mlflow().MlflowClient()
+    by_id = {r.info.run_id: r for r in runs}
+    for _, row in table.iterrows():
+        history = client.get_metric_history(row["run_id"], "accuracy")
+        steps = sorted((m.step, m.value) for m in history)
+        if steps:
+            label = _label(row, params) or by_id[row["run_id"]].info.run_name
+            right.plot([s for s, _ in steps], [v for _, v in steps], marker=".", label=label)
+    right.set_xlabel("epoch")
+    right.set_ylabel("training accuracy (running average)")
+    right.set_title("Learning curves")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    with files.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _label(row: pd.Series, params: list[str]) -> str:
+    return ", ".join(f"{p.split('.')[-1]}={row[p]}" for p in params)
+
+
+def write_outputs(
+    table: pd.DataFrame,
+    runs: list[Any],
+    markdown: Path | None = None,
+    csv: Path | None = None,
+    png: Path | None = None,
+) -> list[Path]:
+    """Write whichever of the Markdown table, CSV table and picture are asked for."""
+    from mnist_pipeline import files
+
+    if markdown:
+        files.write_bytes(markdown, (to_markdown(table) + "\n").encode())
+    if csv:
+        files.write_bytes(csv, table.to_csv(index=False).encode())
+    if png:
+        plot(table, runs, png)
+    return [p for p in (markdown, csv, png) if p]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_pipeline.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sweep-id", help="runs of this sweep (default: the latest sweep)")
+    parser.add_argument("--experiment", help="runs of this MLflow experiment")
+    parser.add_argument("--filter", default="", help="an MLflow filter string")
+    parser.add_argument("--sort", default="test_accuracy", help="column to sort by")
+    parser.add_argument("--ascending", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
+    parser.add_argument("--plot", type=Path, help="write the gap picture (PNG) here")
+    args = parser.parse_args(argv)
+    try:
+        runs = select_runs(args.sweep_id, args.experiment, args.filter)
+        table = runs_table(runs, args.sort, args.ascending)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(to_text(table))
+    write_outputs(table, runs, args.markdown, args.csv, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Hydra multirun sweeps tracked in MLflow: one parent run per sweep, one child per job.
+
+``SweepCallback`` (wired in ``conf/pipeline.yaml``) runs in the launching process: before
+any job starts it creates the MLflow database and experiment (parallel first use of a fresh
+SQLite store races), prepares the data once, and opens the parent run; when the sweep ends
+it logs the comparison table and picture to the parent and closes it. ``run_job`` runs in
+each job, possibly in another process: it isolates the job, tags its run with the sweep id,
+job number and overrides, and turns a failure into a FAILED run instead of stopping the
+sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_pipeline import tracking
+from mnist_pipeline.config import load_config
+from mnist_pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "mlflow_sweep.json"
+
+
+def _task_config(config: DictConfig) -> DictConfig:
+    """The config without Hydra's own node (what a job's task function receives)."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+
+
+class SweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_pipeline.preprocess import ensure_processed
+
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        experiment = config.tracking.experiment_name
+        tracking.ensure_experiment(experiment)
+        try:
+            ensure_processed(load_config(_task_config(config)))
+        except PipelineError as exc:  # a sweep may fix the base config; jobs will report
+            log.warning("data not prepared before the sweep: %s", exc)
+        sweep_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        arguments = " ".join(config.hydra.overrides.task)
+        parent = tracking.create_parent_run(
+            experiment,
+            run_name=f"sweep-{sweep_id}",
+            # Not tagged sweep_id: filtering on that tag returns exactly the sweep's jobs.
+            tags={"sweep_parent": sweep_id, "sweep_role": "parent", "sweep_overrides": arguments},
+        )
+        info = {"parent_run_id": parent, "sweep_id": sweep_id, "experiment": experiment}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+        log.info("sweep %s: MLflow parent run %s", sweep_id, parent)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_pipeline import compare
+
+        info = json.loads((Path(config.hydra.sweep.dir).resolve() / SWEEP_FILE).read_text())
+        children = tracking.child_runs(info["parent_run_id"])
+        failed = [r for r in children if r.info.status != "FINISHED"]
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        if finished:
+            table = compare.runs_table(finished)
+            with tempfile.TemporaryDirectory() as tmp:
+                names = (Path(tmp) / f"comparison{ext}" for ext in (".md", ".csv", ".png"))
+                written = compare.write_outputs(table, finished, *names)
+                for path in written:
+                    tracking.log_artifact_to(info["parent_run_id"], path)
+            print(compare.to_text(table))
+        tracking.end_parent_run(info["parent_run_id"], failed=bool(failed))
+        log.info("sweep %s: %d finished, %d failed", info["sweep_id"], len(finished), len(failed))
+        if failed:
+            for run in failed:
+                print(
+                    f"error: job {run.data.tags.get('sweep_job')} "
+                    f"({run.data.tags.get('sweep_overrides')}) failed: "
+                    f"{run.data.tags.get('error', 'no error recorded')}",
+                    file=sys.stderr,
+                )
+            raise SystemExit(1)
+
+
+def limit_threads(n_jobs: int | None) -> None:
+    """Give each of ``n_jobs`` parallel jobs its share of the cores, so TensorFlow's thread
+    pools do not oversubscribe the machine. Must run before TensorFlow starts its runtime;
+    a worker process that already ran a job keeps the setting it had."""
+    if not n_jobs or n_jobs == 1:
+        return
+    cores = os.cpu_count() or 1
+    jobs = cores if n_jobs < 0 else min(n_jobs, cores)
+    per_job = max(1, cores // jobs)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(per_job)
+        tf.config.threading.set_inter_op_parallelism_threads(per_job)
+    except RuntimeError:
+        pass
+
+
+def run_job(raw: DictConfig) -> dict | None:
+    """One sweep job: a complete training and evaluation, tracked as a child run."""
+    from mnist_pipeline.pipeline import run_pipeline
+
+    hydra_cfg = HydraConfig.get()
+    info = json.loads((Path(hydra_cfg.sweep.dir).resolve() / SWEEP_FILE).read_text())
+    overrides = list(hydra_cfg.overrides.task)
+    tags = {
+        "sweep_id": info["sweep_id"],
+        "sweep_job": str(hydra_cfg.job.num),
+        "sweep_job_name": f"{info['sweep_id']}-job{hydra_cfg.job.num}",
+        "sweep_overrides": " ".join(overrides),
+    }
+    limit_threads(hydra_cfg.launcher.get("n_jobs"))
+    with tracking.job_context(info["parent_run_id"], tags):
+        try:
+            cfg = load_config(raw)
+            return run_pipeline(cfg, Path(hydra_cfg.runtime.output_dir))
+        except Exception as exc:
+            # Expected failures get one line; a bug keeps its traceback in the job's log.
+            report = log.error if isinstance(exc, PipelineError) else log.exception
+            report("job %s (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), exc)
+            if not tracking.job_run_started():
+                params = dict(o.split("=", 1) for o in overrides if "=" in o)
+                tracking.record_failed_job(info["experiment"], exc, params)
+            return None

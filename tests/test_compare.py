@@ -1,0 +1,93 @@
+"""The comparison table and picture, on runs whose metrics are known."""
+
+import mlflow
+import pytest
+
+from mnist_pipeline import compare
+from mnist_pipeline.errors import PipelineError
+
+KNOWN = [  # units, epochs, train_accuracy, test_accuracy
+    ("128", "5", 0.980, 0.970),
+    ("512", "5", 0.990, 0.978),
+    ("512", "20", 1.000, 0.981),
+]
+
+
+@pytest.fixture
+def known_runs(tracking_store):
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("cmp")
+    for i, (units, epochs, train, test) in enumerate(KNOWN):
+        run = client.create_run(
+            experiment, run_name=f"job{i}", tags={"stage": "train", "sweep_id": "s1"}
+        )
+        for key, value in {
+            "model.units": units,
+            "train.epochs": epochs,
+            "seed": "42",
+            "paths.models": f"/out/{i}",
+        }.items():
+            client.log_param(run.info.run_id, key, value)
+        metrics = {
+            "fit_accuracy": train - 0.001,
+            "train_accuracy": train,
+            "test_accuracy": test,
+            "accuracy_gap": train - test,
+            "test_loss": 1 - test,
+        }
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value)
+        for epoch in range(1, int(epochs) + 1):
+            client.log_metric(run.info.run_id, "accuracy", train * epoch / int(epochs), step=epoch)
+        client.set_terminated(run.info.run_id)
+    # A run of another sweep, and an unfinished one: neither belongs in the table.
+    other = client.create_run(experiment, tags={"stage": "train", "sweep_id": "s2"})
+    client.set_terminated(other.info.run_id)
+    client.create_run(experiment, tags={"stage": "train", "sweep_id": "s1"})
+
+
+def test_table_rows_columns_and_order(known_runs):
+    table = compare.runs_table(compare.select_runs(sweep_id="s1"))
+    assert list(table["run"]) == ["job2", "job1", "job0"]  # by test accuracy, best first
+    assert list(table.columns) == [
+        "run",
+        "model.units",
+        "train.epochs",
+        *compare.HEADLINE,
+        "duration_s",
+        "run_id",
+    ]
+    assert list(table["accuracy_gap"].round(3)) == [0.019, 0.012, 0.010]
+    by_gap = compare.runs_table(compare.select_runs(sweep_id="s1"), "accuracy_gap", True)
+    assert list(by_gap["run"]) == ["job0", "job1", "job2"]
+
+
+def test_outputs_and_cli(known_runs, tmp_path, capsys):
+    code = compare.main(
+        [
+            "--sweep-id",
+            "s1",
+            "--markdown",
+            str(tmp_path / "t.md"),
+            "--csv",
+            str(tmp_path / "t.csv"),
+            "--plot",
+            str(tmp_path / "g.png"),
+        ]
+    )
+    assert code == 0
+    assert "job2" in capsys.readouterr().out
+    markdown = (tmp_path / "t.md").read_text().splitlines()
+    assert markdown[0].startswith("| run ") and "model.units" in markdown[0]
+    assert len(markdown) == 2 + len(KNOWN)
+    assert (tmp_path / "t.csv").read_text().count("\n") == 1 + len(KNOWN)
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_filter_string_and_errors(known_runs):
+    runs = compare.select_runs(experiment="cmp", filter_string="params.model.units = '512'")
+    assert len(runs) == 2
+    with pytest.raises(PipelineError, match="no finished training runs"):
+        compare.select_runs(sweep_id="nope")
+    with pytest.raises(PipelineError, match="cannot sort by"):
+        compare.runs_table(runs, sort="speed")
