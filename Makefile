@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup repro test lint params ui
+.PHONY: setup repro test test-fast lint params ui
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ repro: setup
 ## The test suite (CI runs this).
 test: setup
 	python -m pytest
+
+## The quick part: everything but the end-to-end DVC runs and sweeps (-m "not slow").
+test-fast: setup
+	python -m pytest -m "not slow"
 
 lint: setup
 	ruff check src tests

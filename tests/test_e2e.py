@@ -37,10 +37,12 @@ def edit_yaml(path: Path, **values) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-@pytest.fixture
-def project(tmp_path, tiny_mirror, tracking_store):
-    """A git repository holding the project, set up for tiny data and a 1-epoch training."""
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_mirror):
+    """A git repository holding the project, set up for tiny data and a 1-epoch training,
+    after one `dvc repro` (shared by this module's tests, which run in order)."""
     folder, sha = tiny_mirror
+    tmp_path = tmp_path_factory.mktemp("e2e")
     repo = tmp_path / "repo"
     for name in COPIED:
         src, dst = PROJECT_ROOT / name, repo / name
@@ -57,6 +59,7 @@ def project(tmp_path, tiny_mirror, tracking_store):
     env = {
         **os.environ,
         "MNIST_MIRROR": str(folder),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
@@ -65,12 +68,22 @@ def project(tmp_path, tiny_mirror, tracking_store):
     }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run(cmd, repo, env)
-    return repo, env
+    first = run(["dvc", "repro"], repo, env)
+    return repo, env, first
 
 
-def test_dvc_repro_end_to_end(project):
-    repo, env = project
-    run(["dvc", "repro"], repo, env)
+@pytest.fixture
+def store(project):
+    """Point this process's MLflow client at the project's store."""
+    mlflow.set_tracking_uri(project[1]["MLFLOW_TRACKING_URI"])
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def test_dvc_repro_end_to_end(project, store):
+    repo, env, first = project
+    for stage in ("download", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
     shown = metrics[""]["data"]["reports/metrics.json"]["data"]
@@ -103,8 +116,7 @@ def test_dvc_repro_end_to_end(project):
 
 
 def test_param_change_reruns_only_what_it_touches(project):
-    repo, env = project
-    run(["dvc", "repro"], repo, env)
+    repo, env, _ = project
     out = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
@@ -115,3 +127,37 @@ def test_param_change_reruns_only_what_it_touches(project):
     data = experiments[0]["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
     assert "test_accuracy" in data["metrics"]["reports/metrics.json"]["data"]
+
+
+def test_queued_experiments_log_to_the_same_store(project, store):
+    """`dvc exp run --queue` + `dvc queue start` run in temporary copies of the repository;
+    their runs must still reach the project's MLflow store and show in `dvc exp show`."""
+    import time
+
+    repo, env, _ = project
+    run(["dvc", "exp", "run", "--queue", "-S", "model.units=16,24"], repo, env)
+    run(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
+    units = sorted(
+        e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"]["units"] for e in experiments
+    )
+    assert {16, 24} <= set(units)
+    for e in experiments:
+        assert "test_accuracy" in e["revs"][0]["data"]["metrics"]["reports/metrics.json"]["data"]
+
+    trained = mlflow.search_runs(
+        experiment_names=["mnist"], filter_string="tags.stage = 'train'", output_format="list"
+    )
+    by_units = {r.data.params["model.units"]: r for r in trained}
+    assert {"16", "24"} <= set(by_units)
+    for units in ("16", "24"):
+        assert "test_accuracy" in by_units[units].data.metrics
