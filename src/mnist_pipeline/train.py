@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -54,6 +55,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
                     patience=cfg.train.early_stopping_patience, restore_best_weights=True
                 )
             )
+        fit_started = time.perf_counter()
         history = model.fit(
             x_train,
             onehot(y_train),
@@ -63,6 +65,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
             callbacks=callbacks,
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
         ).history
+        fit_seconds = time.perf_counter() - fit_started
         if not np.isfinite(history["loss"]).all():
             raise PipelineError(
                 "training diverged (loss is NaN or infinite); the model was "
@@ -77,7 +80,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
             "train_loss": train_loss,
             "epochs_run": len(history["loss"]),
         }
-        tracking.log_metrics(metrics)
+        tracking.log_metrics({**metrics, "fit_seconds": fit_seconds})
 
         models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
         write_history(reports / HISTORY_FILE, history)
@@ -91,6 +94,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
                 "experiment_id": run.info.experiment_id,
                 "model_uri": model_uri,
                 "train_metrics": {k: float(v) for k, v in metrics.items()},
+                "fit_seconds": round(fit_seconds, 3),
             },
         )
     log.info("fit_accuracy %.4f, train_accuracy %.4f", metrics["fit_accuracy"], train_accuracy)

@@ -1,0 +1,50 @@
+"""Where runs go: always an absolute store, the project's own even from a DVC temp copy."""
+
+from pathlib import Path
+
+import pytest
+
+from mnist_pipeline import tracking
+from mnist_pipeline.config import PROJECT_ROOT
+from mnist_pipeline.errors import ConfigError
+
+
+def test_default_store_is_absolute_and_in_the_project(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri()
+    assert uri == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")
+
+
+def test_queued_experiment_copy_maps_to_the_project():
+    copy = Path("/home/me/mnist/.dvc/tmp/exps/tmpa1b2c3")
+    assert tracking.project_root(copy) == Path("/home/me/mnist")
+    assert tracking.project_root(Path("/home/me/mnist")) == Path("/home/me/mnist")
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("sqlite:///mlflow.db", "relative to the working directory"),
+        ("./mlruns", "file store"),
+        ("file:///tmp/mlruns", "file store"),
+    ],
+)
+def test_unsafe_stores_are_refused(monkeypatch, uri, message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ConfigError, match=message):
+        tracking.tracking_uri()
+
+
+def test_server_and_absolute_sqlite_are_accepted(monkeypatch):
+    for uri in ("http://127.0.0.1:5000", "sqlite:////srv/mlflow/mlflow.db"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking.tracking_uri() == uri
+
+
+def test_experiment_artifacts_sit_beside_a_sqlite_store(tracking_store, tmp_path):
+    import mlflow
+
+    tracking.ensure_experiment("placed")
+    location = mlflow.get_experiment_by_name("placed").artifact_location
+    assert location == (tmp_path / "store" / "mlartifacts").as_uri()
