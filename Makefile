@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup repro test test-fast lint params ui
+.PHONY: setup repro test test-fast lint params ui bench
 
 setup: $(STAMP)
 
@@ -35,10 +35,16 @@ lint: setup
 	ruff check src tests
 	ruff format --check src tests
 
+## The benchmark against the book's plain script (about 12 minutes; needs MNIST_MIRROR or
+## network access). Writes bench/results.md and bench/results.json.
+bench: setup
+	python bench/run.py --repeat $${REPEAT:-3}
+
 ## Re-compose conf/ into params.yaml after editing conf/ (dvc exp run does this itself).
 params: setup
 	python -m mnist_pipeline.params
 
 ## Browse the runs: http://127.0.0.1:5000 (local only; see README to share it).
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--host 127.0.0.1 --port 5000

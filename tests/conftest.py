@@ -29,10 +29,10 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def make_mirror(folder: Path) -> dict[str, str]:
+def make_mirror(folder: Path, train_size: int = TRAIN_SIZE) -> dict[str, str]:
     """Write the four gzipped IDX files into ``folder``; return their content SHA-256s."""
     folder.mkdir(parents=True, exist_ok=True)
-    train = synthetic_digits(TRAIN_SIZE, seed=1)
+    train = synthetic_digits(train_size, seed=1)
     test = synthetic_digits(TEST_SIZE, seed=2)
     arrays = {
         "train_images": train[0],
@@ -102,3 +102,23 @@ def tiny_cfg(tiny_mirror, tracking_store, workdir, monkeypatch) -> PipelineConfi
 def no_public_mirrors(monkeypatch):
     """Tests never reach the network: only the mirrors a test names are tried."""
     monkeypatch.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", ())
+
+
+@pytest.fixture
+def https_mirror(tiny_mirror, tmp_path, monkeypatch):
+    """A real HTTPS server on loopback serving the tiny files, good or broken by path.
+
+    Timeouts and backoff are shortened so the failure tests take seconds."""
+    import trustme
+
+    from tests.https_mirror import MirrorServer
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    monkeypatch.setattr("mnist_pipeline.download.TIMEOUT_S", 0.5)
+    monkeypatch.setattr("mnist_pipeline.download.BACKOFF_S", 0.01)
+    server = MirrorServer(tiny_mirror[0], ca_file, ca.issue_cert("127.0.0.1"))
+    yield server
+    server.close()

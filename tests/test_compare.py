@@ -1,5 +1,7 @@
 """The comparison table and picture, on runs whose metrics are known."""
 
+import time
+
 import mlflow
 import pytest
 
@@ -40,6 +42,10 @@ def known_runs(tracking_store):
         for epoch in range(1, int(epochs) + 1):
             client.log_metric(run.info.run_id, "accuracy", train * epoch / int(epochs), step=epoch)
         client.set_terminated(run.info.run_id)
+    # Two sweeps' parent runs: s1, the later one, is "the latest sweep".
+    for sweep_id in ("s0", "s1"):
+        client.create_run(experiment, tags={"sweep_role": "parent", "sweep_parent": sweep_id})
+        time.sleep(0.01)
     # A run of another sweep, and an unfinished one: neither belongs in the table.
     other = client.create_run(experiment, tags={"stage": "train", "sweep_id": "s2"})
     client.set_terminated(other.info.run_id)
@@ -47,7 +53,7 @@ def known_runs(tracking_store):
 
 
 def test_table_rows_columns_and_order(known_runs):
-    table = compare.runs_table(compare.select_runs(sweep_id="s1"))
+    table = compare.runs_table(compare.select_runs())  # default: the latest sweep
     assert list(table["run"]) == ["job2", "job1", "job0"]  # by test accuracy, best first
     assert list(table.columns) == [
         "run",

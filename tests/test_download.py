@@ -69,9 +69,18 @@ def test_all_mirrors_failing_is_one_clear_error_and_no_output(tiny_cfg, tmp_path
 
 
 def test_present_and_verified_files_are_kept(tiny_cfg, tiny_mirror, monkeypatch):
+    from pathlib import Path
+
     download(tiny_cfg)
     monkeypatch.setenv("MNIST_MIRROR", "/nonexistent")
     assert set(download(tiny_cfg).values()) == {"already present"}
+    # A damaged file already in place is fetched again, not trusted.
+    damaged = Path(tiny_cfg.paths.raw) / MNIST_FILES["test_labels"]
+    damaged.write_bytes(gzip.compress(b"junk"))
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror[0]))
+    origin = download(tiny_cfg)
+    assert origin[damaged.name] == str(tiny_mirror[0])
+    assert damaged.read_bytes() == (tiny_mirror[0] / damaged.name).read_bytes()
 
 
 def test_mirror_forms(monkeypatch, tmp_path):

@@ -129,12 +129,14 @@ def test_param_change_reruns_only_what_it_touches(project):
     assert "test_accuracy" in data["metrics"]["reports/metrics.json"]["data"]
 
 
-def test_queued_experiments_log_to_the_same_store(project, store):
-    """`dvc exp run --queue` + `dvc queue start` run in temporary copies of the repository;
-    their runs must still reach the project's MLflow store and show in `dvc exp show`."""
+def test_queued_experiments_log_to_the_project_store(project):
+    """`dvc exp run --queue` + `dvc queue start` run in temporary copies of the repository
+    (.dvc/tmp/exps/...); with the default store their runs must still reach the project's
+    own mlflow.db, and show in `dvc exp show`."""
     import time
 
     repo, env, _ = project
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
     run(["dvc", "exp", "run", "--queue", "-S", "model.units=16,24"], repo, env)
     run(["dvc", "queue", "start"], repo, env)
     deadline = time.monotonic() + 600
@@ -154,10 +156,52 @@ def test_queued_experiments_log_to_the_same_store(project, store):
     for e in experiments:
         assert "test_accuracy" in e["revs"][0]["data"]["metrics"]["reports/metrics.json"]["data"]
 
-    trained = mlflow.search_runs(
-        experiment_names=["mnist"], filter_string="tags.stage = 'train'", output_format="list"
-    )
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist")
+    trained = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
     by_units = {r.data.params["model.units"]: r for r in trained}
     assert {"16", "24"} <= set(by_units)
     for units in ("16", "24"):
         assert "test_accuracy" in by_units[units].data.metrics
+
+
+def test_override_of_a_missing_key_is_refused(project):
+    repo, env, _ = project
+    before = (repo / "params.yaml").read_text()
+    result = subprocess.run(
+        ["dvc", "exp", "run", "-S", "train.epochz=3"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Could not override 'train.epochz'" in result.stdout + result.stderr
+    assert (repo / "params.yaml").read_text() == before
+
+
+def test_second_concurrent_repro_gets_the_lock_error(project):
+    repo, env, _ = project
+    first = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", "train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = ""
+        while "Running stage 'train'" not in line:
+            line = first.stdout.readline()
+            assert line or first.poll() is None, "first repro ended early"
+        second = subprocess.run(
+            ["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert second.returncode != 0
+        assert "is busy, it is being blocked by" in second.stderr
+        assert "manually remove" in second.stderr and ".dvc/tmp/rwlock" in second.stderr
+    finally:
+        rest = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, rest

@@ -12,6 +12,12 @@ from mnist_pipeline.errors import DataError, PipelineError
 from tests.conftest import TEST_SIZE, TRAIN_SIZE, compose_config, sha_overrides
 
 
+def tiny_images():
+    from tests.conftest import synthetic_digits
+
+    return synthetic_digits(TRAIN_SIZE, seed=1)[0]
+
+
 @pytest.fixture
 def prepared(tiny_cfg):
     download.download(tiny_cfg)
@@ -39,6 +45,16 @@ def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
     x_train, _ = preprocess.load_processed(cfg, "train")
     x_val, _ = preprocess.load_processed(cfg, "val")
     assert len(x_val) == TRAIN_SIZE // 4 and len(x_train) == TRAIN_SIZE - TRAIN_SIZE // 4
+    # Disjoint, together the whole training set, and not simply its first or last rows.
+    everything = np.concatenate([x_train, x_val])
+    assert (
+        np.unique(everything, axis=0).shape
+        == np.unique(preprocess.to_features(tiny_images()), axis=0).shape
+    )
+    rows = {r.tobytes() for r in np.asarray(x_val)}
+    all_rows = [r.tobytes() for r in preprocess.to_features(tiny_images())]
+    assert sum(r in rows for r in all_rows[: len(rows)]) < len(rows)
+    assert sum(r in rows for r in all_rows[-len(rows) :]) < len(rows)
     first = np.array(x_val)
     preprocess.preprocess(cfg)
     np.testing.assert_array_equal(preprocess.load_processed(cfg, "val")[0], first)
@@ -126,3 +142,25 @@ def test_corrupt_model_is_refused(prepared):
     (Path(prepared.paths.models) / "model.keras").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match="not a loadable Keras model"):
         evaluate.evaluate(prepared)
+
+
+def test_steps_per_execution_changes_speed_not_results(prepared, tiny_mirror):
+    from mnist_pipeline.model import load_model
+
+    path = Path(prepared.paths.models) / "model.keras"
+    weights = []
+    for steps in (1, 50):
+        cfg = compose_config(
+            [
+                *sha_overrides(tiny_mirror[1]),
+                "train.epochs=2",
+                "model.units=32",
+                f"train.steps_per_execution={steps}",
+            ]
+        )
+        metrics = train.train(cfg)
+        weights.append((metrics, load_model(path).get_weights()))
+    (m1, w1), (m50, w50) = weights
+    assert m1 == m50
+    for a, b in zip(w1, w50, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -27,6 +27,7 @@ def sweep(tiny_mirror, tracking_store, workdir):
             "mnist_pipeline.pipeline",
             "-m",
             *sha_overrides(sha),
+            "train.epochs=1",
             *overrides,
         ]
         result = subprocess.run(
@@ -50,23 +51,28 @@ def sweep(tiny_mirror, tracking_store, workdir):
     return run
 
 
-def test_two_by_two_sweep(sweep):
-    result, parent, children = sweep("model.units=16,32", "train.epochs=1,2")
+def test_two_by_two_sweep(sweep, workdir):
+    # val_split=0.25 makes jobs prepare data of their own: those runs must stay out of the
+    # sweep, and the jobs must not write over the workspace's models/ and reports/.
+    result, parent, children = sweep("model.units=16,32", "data.val_split=0,0.25")
     assert result.returncode == 0, result.stderr[-3000:]
     assert parent.info.status == "FINISHED"
     assert len(children) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert sorted(r.data.tags["sweep_job"] for r in children) == ["0", "1", "2", "3"]
-    combos = {(r.data.params["model.units"], r.data.params["train.epochs"]) for r in children}
-    assert combos == {("16", "1"), ("16", "2"), ("32", "1"), ("32", "2")}
+    combos = {(r.data.params["model.units"], r.data.params["data.val_split"]) for r in children}
+    assert combos == {("16", "0.0"), ("16", "0.25"), ("32", "0.0"), ("32", "0.25")}
+    assert {r.data.tags["stage"] for r in children} == {"train"}
+    assert not (workdir / "models").exists() and not (workdir / "reports").exists()
+    # Each distinct input (val_split 0 and 0.25) was prepared exactly once.
+    assert len(list((workdir / "data/cache").glob("processed-*/manifest.json"))) == 2
     for run in children:
         assert run.info.status == "FINISHED"
         assert "model.units=" in run.data.tags["sweep_overrides"]
         for key in HEADLINE:
             assert key in run.data.metrics, (key, run.data.tags["sweep_overrides"])
-        epochs = int(run.data.params["train.epochs"])
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "accuracy")
-        assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert [m.step for m in history] == [1]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.csv", "comparison.png"} <= artifacts
 
@@ -82,15 +88,18 @@ def test_parallel_sweep_loses_no_run(sweep):
     assert sorted(int(r.data.params["model.units"]) for r in children) == [8, 16, 24, 32]
 
 
-def test_failing_job_is_recorded_and_the_others_finish(sweep):
-    result, parent, children = sweep("model.units=16,-1,32")
+def test_failing_jobs_are_recorded_and_the_others_finish(sweep):
+    # -1 fails validation before the job's run opens; 1e30 diverges after it opened.
+    result, parent, children = sweep("optimizer=sgd", "optimizer.learning_rate=0.01,-1,1e30")
     assert result.returncode == 1
-    assert "model.units must be >= 1, got -1" in result.stderr
-    by_units = {r.data.params.get("model.units"): r for r in children}
-    assert set(by_units) == {"16", "-1", "32"}
-    assert by_units["-1"].info.status == "FAILED"
-    assert "model.units must be >= 1" in by_units["-1"].data.tags["error"]
-    for units in ("16", "32"):
-        assert by_units[units].info.status == "FINISHED"
-        assert "test_accuracy" in by_units[units].data.metrics
+    assert "optimizer.learning_rate must be > 0, got -1" in result.stderr
+    assert "training diverged" in result.stderr
+    by_rate = {r.data.params.get("optimizer.learning_rate"): r for r in children}
+    assert set(by_rate) == {"0.01", "-1", "1e+30"}
+    assert by_rate["-1"].info.status == "FAILED"
+    assert "learning_rate must be > 0" in by_rate["-1"].data.tags["error"]
+    assert by_rate["1e+30"].info.status == "FAILED"
+    assert "diverged" in by_rate["1e+30"].data.tags["error"]
+    assert by_rate["0.01"].info.status == "FINISHED"
+    assert "test_accuracy" in by_rate["0.01"].data.metrics
     assert parent.info.status == "FAILED"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
 
+from mnist_pipeline import tracking
 from mnist_pipeline.config import PipelineConfig, load_config
 from mnist_pipeline.errors import PipelineError
 
@@ -18,11 +21,22 @@ log = logging.getLogger(__name__)
 def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     """Validate ``cfg`` and run ``stage`` on it.
 
-    Expected failures (PipelineError) print one line to stderr and exit with status 1;
-    anything else is a bug and keeps its traceback.
+    Expected failures (PipelineError) print one line to stderr and exit with status 1
+    (``MNIST_PIPELINE_DEBUG=1`` shows the traceback); anything else is a bug and keeps its
+    traceback. An unreachable tracking server is found here, before any work starts.
     """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        return stage(load_config(cfg))
+        config = load_config(cfg)
+        tracking.check_store(tracking.tracking_uri())
+        return stage(config)
     except PipelineError as exc:
+        if os.environ.get("MNIST_PIPELINE_DEBUG"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, so open MLflow runs end KILLED and temp files go."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")

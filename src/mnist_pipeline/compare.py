@@ -48,9 +48,12 @@ def select_runs(
     kwargs: dict[str, Any] = {"search_all_experiments": True}
     if experiment is not None:
         kwargs = {"experiment_names": [experiment]}
-    runs = mlflow.search_runs(
-        filter_string=" and ".join(c for c in clauses if c), output_format="list", **kwargs
-    )
+    try:
+        runs = mlflow.search_runs(
+            filter_string=" and ".join(c for c in clauses if c), output_format="list", **kwargs
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise PipelineError(f"bad selection: {exc.message}") from None
     if not runs:
         raise PipelineError(f"no finished training runs match: {filter_string or experiment}")
     return runs
@@ -110,15 +113,10 @@ def to_markdown(table: pd.DataFrame) -> str:
 def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     """Left: train and test accuracy per run (against the swept param when there is just
     one). Right: the per-epoch training accuracy of every run, overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from mnist_pipeline import files
 
     params = [c for c in table.columns if c not in {"run", "run_id", "duration_s", *HEADLINE}]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    fig, (left, right) = files.pyplot().subplots(1, 2, figsize=(12, 4.5), dpi=100)
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
         ordered = table.sort_values(params[0])
         for metric, style in (("train_accuracy", "o-"), ("test_accuracy", "s-")):
@@ -149,9 +147,7 @@ def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     right.set_title("Learning curves")
     right.legend(fontsize=7)
     fig.tight_layout()
-    with files.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.save_figure(fig, path)
 
 
 def _label(row: pd.Series, params: list[str]) -> str:
@@ -199,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(to_text(table))
-    write_outputs(table, runs, args.markdown, args.csv, args.plot)
+    try:
+        write_outputs(table, runs, args.markdown, args.csv, args.plot)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

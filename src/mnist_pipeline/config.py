@@ -32,6 +32,8 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
+NUM_CLASSES = 10
+
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu")
 
@@ -111,6 +113,8 @@ class TrainConfig:
     batch_size: int = MISSING
     #: Stop when validation loss has not improved for this many epochs (0 = off; needs a split).
     early_stopping_patience: int = MISSING
+    #: Batches per call into TensorFlow: speed only, results are identical (a test checks).
+    steps_per_execution: int = MISSING
 
     def check(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
@@ -120,6 +124,12 @@ class TrainConfig:
             "train.early_stopping_patience",
             "must be >= 0",
             self.early_stopping_patience,
+        )
+        _check(
+            self.steps_per_execution >= 1,
+            "train.steps_per_execution",
+            "must be >= 1",
+            self.steps_per_execution,
         )
 
 
@@ -132,7 +142,8 @@ class TrackingConfig:
 
 @dataclass
 class PathsConfig:
-    """Where stages read and write, relative to the repository root (dvc.yaml uses these)."""
+    """Where stages read and write, relative to the working directory (the repository root
+    when DVC runs the stages; dvc.yaml interpolates these)."""
 
     raw: str = MISSING
     processed: str = MISSING

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -76,7 +77,10 @@ class Mirror:
             source = Path(self.location) / filename
             if not source.is_file():
                 raise MirrorError(f"{source} does not exist")
-            shutil.copyfile(source, dest)
+            try:
+                shutil.copyfile(source, dest)
+            except OSError as exc:
+                raise MirrorError(f"cannot read {source}: {exc.strerror or exc}") from None
         else:
             _download(self.location + filename, dest)
 
@@ -92,9 +96,25 @@ def mirrors() -> list[Mirror]:
 
 
 def _is_transient(exc: Exception) -> bool:
+    """Worth another try on the same mirror: server errors, timeouts, dropped connections.
+    A 404 or 403 will not get better by asking again."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code == 429
-    return isinstance(exc, urllib.error.URLError | TimeoutError | ConnectionError)
+    return isinstance(
+        exc, urllib.error.URLError | TimeoutError | ConnectionError | http.client.HTTPException
+    )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed early: truncated after {len(exc.partial)} bytes"
+    if isinstance(exc, urllib.error.URLError):
+        return f"cannot connect: {exc.reason}"
+    if isinstance(exc, TimeoutError):
+        return f"timed out (no data for {TIMEOUT_S} s)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _download(url: str, dest: Path) -> None:
@@ -105,20 +125,24 @@ def _download(url: str, dest: Path) -> None:
                 urllib.request.urlopen(url, timeout=TIMEOUT_S) as response,
                 open(dest, "wb") as out,
             ):
+                if "text/html" in response.headers.get("Content-Type", ""):
+                    raise MirrorError("served an HTML page, not the file")
                 total = int(response.headers.get("Content-Length") or 0) or None
                 name = url.rsplit("/", 1)[-1]
+                received = 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=None) as bar:
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
+                        received += len(chunk)
                         bar.update(len(chunk))
-                if total is not None and dest.stat().st_size != total:
-                    raise MirrorError(f"truncated: got {dest.stat().st_size} of {total} bytes")
+                if total is not None and received != total:
+                    raise MirrorError(f"connection closed early: truncated after {received} bytes")
             return
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        except (OSError, http.client.HTTPException) as exc:
             if not _is_transient(exc) or attempt == RETRIES:
-                raise MirrorError(f"{type(exc).__name__}: {exc}") from None
+                raise MirrorError(_describe(exc)) from None
             delay = BACKOFF_S * 2 ** (attempt - 1)
-            log.warning("%s: %s; retrying in %.0f s", url, exc, delay)
+            log.warning("%s: %s; retrying in %.1f s", url, _describe(exc), delay)
             time.sleep(delay)
 
 

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from mnist_pipeline import files, tracking
 from mnist_pipeline.cli import run_stage
-from mnist_pipeline.config import CONF_DIR, PipelineConfig
-from mnist_pipeline.preprocess import NUM_CLASSES, load_processed
+from mnist_pipeline.config import CONF_DIR, NUM_CLASSES, PipelineConfig
+from mnist_pipeline.preprocess import load_processed
 from mnist_pipeline.train import MODEL_FILE, RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ def evaluate(cfg: PipelineConfig) -> dict:
     x_test, y_test = load_processed(cfg, "test")
     model = load_model(models / MODEL_FILE)
 
-    probabilities = model.predict(x_test, batch_size=1024, verbose=0)
-    predicted = probabilities.argmax(axis=1)
-    eps = np.finfo(np.float32).eps
-    picked = probabilities[np.arange(len(y_test)), y_test]
-    test_loss = float(-np.log(np.clip(picked, eps, 1.0)).mean())
+    import keras
+
+    # Loss the way train_loss is computed (Keras's, L2 penalty included), so the two compare.
+    test_loss, _ = model.evaluate(
+        x_test, keras.utils.to_categorical(y_test, NUM_CLASSES), batch_size=1024, verbose=0
+    )
+    predicted = model.predict(x_test, batch_size=1024, verbose=0).argmax(axis=1)
     matrix = confusion_matrix(y_test, predicted)
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
@@ -91,12 +93,7 @@ def write_predictions(path: Path, actual: np.ndarray, predicted: np.ndarray) -> 
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
+    fig, ax = files.pyplot().subplots(figsize=(6.5, 5.5), dpi=100)
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
     ax.set(
@@ -118,9 +115,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
             color="white" if count > threshold else "black",
         )
     fig.tight_layout()
-    with files.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.save_figure(fig, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

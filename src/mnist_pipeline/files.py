@@ -43,6 +43,23 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def pyplot() -> Any:
+    """Matplotlib's pyplot on the file-only Agg backend (stages run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save a Matplotlib figure as PNG, atomically, and free it."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -52,13 +69,21 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def require(path: str | Path, produced_by: str) -> Path:
+    """An upstream stage's output, or a message that says which stage to run first."""
+    from mnist_pipeline.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} not found: run the {produced_by} stage first (dvc repro)")
+    return path
+
+
 def read_json(path: str | Path, produced_by: str) -> Any:
     """Read a JSON file an upstream stage writes; say which stage to run when it is missing."""
     from mnist_pipeline.errors import PipelineError
 
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path} not found: run the {produced_by} stage first (dvc repro)")
+    path = require(path, produced_by)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

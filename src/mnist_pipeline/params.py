@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from mnist_pipeline import files
 from mnist_pipeline.config import CONF_DIR, PROJECT_ROOT, load_config
+from mnist_pipeline.errors import PipelineError
 
 
 def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
@@ -28,12 +30,18 @@ def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DI
     return OmegaConf.to_yaml(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     target = Path(PROJECT_ROOT) / "params.yaml"
-    files.write_bytes(target, compose_params(args).encode())
+    try:
+        text = compose_params(args)
+    except (PipelineError, HydraException) as exc:
+        print(f"error: params.yaml not written: {exc}", file=sys.stderr)
+        return 1
+    files.write_bytes(target, text.encode())
     print(f"wrote {target}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

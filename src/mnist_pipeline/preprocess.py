@@ -19,13 +19,12 @@ from omegaconf import DictConfig
 
 from mnist_pipeline import files, tracking
 from mnist_pipeline.cli import run_stage
-from mnist_pipeline.config import CONF_DIR, MNIST_FILES, PipelineConfig
+from mnist_pipeline.config import CONF_DIR, MNIST_FILES, NUM_CLASSES, PipelineConfig
 from mnist_pipeline.errors import DataError
 from mnist_pipeline.idx import read_idx
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
 
 
@@ -66,8 +65,10 @@ def split(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Hold out ``fraction`` of (x, y) at random (seeded), keeping the rest in order."""
     n_val = round(len(x) * fraction)
-    if n_val == 0:
+    if fraction == 0:
         return (x, y), (x[:0], y[:0])
+    if n_val == 0:
+        raise DataError(f"data.val_split={fraction} of {len(x)} images holds out none")
     if n_val >= len(x):
         raise DataError(f"data.val_split={fraction} leaves no training images")
     held_out = np.zeros(len(x), dtype=bool)
@@ -128,6 +129,9 @@ def preprocess(cfg: PipelineConfig) -> dict:
     stats = statistics(train_images, {"train": y_train, "val": y_val, "test": test_labels})
     digest = content_hash(arrays)
 
+    # The manifest says what the folder holds; remove it first, so a run that dies half-way
+    # never leaves an old manifest vouching for a mix of old and new arrays.
+    (out / "manifest.json").unlink(missing_ok=True)
     with tracking.start_run(
         cfg, "preprocess", params={"data.val_split": cfg.data.val_split, "seed": cfg.seed}
     ):
@@ -204,14 +208,19 @@ def load_processed(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one split written by this stage (memory-mapped), with a clear error if missing."""
     out = Path(cfg.paths.processed)
-    paths = [out / f"x_{split_name}.npy", out / f"y_{split_name}.npy"]
-    for path in paths:
-        if not path.exists():
-            raise DataError(f"{path} not found: run the preprocess stage first (dvc repro)")
+    paths = [files.require(out / f"{v}_{split_name}.npy", "preprocess") for v in "xy"]
     try:
         return tuple(np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in paths)
     except ValueError as exc:
         raise DataError(f"{out}: corrupt array file ({exc}); re-run the preprocess stage") from None
+
+
+def recompute_hash(cfg: PipelineConfig) -> str:
+    """The content hash of the processed arrays as they are on disk now (not as recorded)."""
+    arrays = {}
+    for split_name in SPLITS:
+        arrays[f"x_{split_name}"], arrays[f"y_{split_name}"] = load_processed(cfg, split_name)
+    return content_hash(arrays)
 
 
 def data_hash(cfg: PipelineConfig) -> str:

@@ -46,7 +46,11 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         experiment = config.tracking.experiment_name
-        tracking.ensure_experiment(experiment)
+        try:
+            tracking.ensure_experiment(experiment)
+        except PipelineError as exc:  # an unusable store: stop before any job starts
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         try:
             ensure_processed(load_config(_task_config(config)))
         except PipelineError as exc:  # a sweep may fix the base config; jobs will report
@@ -69,17 +73,19 @@ class SweepCallback(Callback):
         info = json.loads((Path(config.hydra.sweep.dir).resolve() / SWEEP_FILE).read_text())
         children = tracking.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
-        finished = [r for r in children if r.info.status == "FINISHED"]
-        if finished:
+        try:
+            finished = compare.select_runs(sweep_id=info["sweep_id"])
             table = compare.runs_table(finished)
+            print(compare.to_text(table))
             with tempfile.TemporaryDirectory() as tmp:
                 names = (Path(tmp) / f"comparison{ext}" for ext in (".md", ".csv", ".png"))
-                written = compare.write_outputs(table, finished, *names)
-                for path in written:
+                for path in compare.write_outputs(table, finished, *names):
                     tracking.log_artifact_to(info["parent_run_id"], path)
-            print(compare.to_text(table))
-        tracking.end_parent_run(info["parent_run_id"], failed=bool(failed))
-        log.info("sweep %s: %d finished, %d failed", info["sweep_id"], len(finished), len(failed))
+        except PipelineError as exc:  # no finished job: nothing to compare
+            log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
+        finally:
+            tracking.end_parent_run(info["parent_run_id"], failed=bool(failed))
+        log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
         if failed:
             for run in failed:
                 print(
@@ -131,7 +137,6 @@ def run_job(raw: DictConfig) -> dict | None:
             # Expected failures get one line; a bug keeps its traceback in the job's log.
             report = log.error if isinstance(exc, PipelineError) else log.exception
             report("job %s (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), exc)
-            if not tracking.job_run_started():
-                params = dict(o.split("=", 1) for o in overrides if "=" in o)
-                tracking.record_failed_job(info["experiment"], exc, params)
+            params = dict(o.split("=", 1) for o in overrides if "=" in o)
+            tracking.fail_job(info["experiment"], exc, params)
             return None

@@ -6,8 +6,11 @@ tags that make a run reproducible and the model format are decided here once.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import platform
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_pipeline.config import PROJECT_ROOT, PipelineConfig, flatten
 from mnist_pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import mlflow
@@ -56,12 +61,39 @@ def tracking_uri() -> str:
     return uri
 
 
+_checked: set[str] = set()
+
+
 def _mlflow() -> Any:
     """Import MLflow with its store configured (the import is deferred: it costs a second)."""
+    uri = tracking_uri()
+    check_store(uri)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def check_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, before any expensive work, when a tracking server cannot be reached
+    (MLflow's own client would retry for minutes)."""
+    if uri in _checked or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        pass  # it answered (an authenticating proxy may say 401): reachable
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the project's own store"
+        ) from None
+    _checked.add(uri)
 
 
 def ensure_experiment(name: str) -> str:
@@ -94,7 +126,7 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def _git(*args: str) -> str | None:
+def git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -102,31 +134,46 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+DIRTY_CHECK = (
+    "status",
+    "--porcelain",
+    "--untracked-files=no",
+    "--",
+    ".",
+    ":!dvc.lock",
+    ":!params.yaml",
+)
+
+
 def provenance_tags() -> dict[str, str]:
     """Tags that say what produced a run: code version and the software that ran it.
 
-    dvc.lock is left out of the dirty check: DVC rewrites it between stages of one repro.
+    dvc.lock and params.yaml are left out of the dirty check: DVC rewrites them (between
+    stages, and for `dvc exp run -S`), and the run records the full config anyway.
     """
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+    commit = git("rev-parse", "HEAD")
+    status = git(*DIRTY_CHECK)
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
         "python.version": platform.python_version(),
+        "process.host": socket.gethostname(),
+        "process.pid": str(os.getpid()),
     }
     for package in ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy"):
         tags[f"version.{package}"] = _package_version(package)
     return tags
 
 
-#: Set by a sweep job (see ``job_context``): the parent run and the tags of that job.
+#: Set by ``job_context``: the parent run and the tags for training runs opened within.
 _job: dict[str, Any] = {}
 
 
 @contextmanager
-def job_context(parent_run_id: str, tags: dict[str, str]) -> Iterator[None]:
-    """Within this block, new train runs become children of ``parent_run_id`` with ``tags``
-    (the sweep id, job number and overrides); other stages' runs only get the parent."""
+def job_context(parent_run_id: str | None, tags: dict[str, str]) -> Iterator[None]:
+    """Within this block, new train runs become children of ``parent_run_id`` (if any) and get
+    ``tags`` (a sweep's id, job number and overrides; the run a reproduction repeats);
+    other stages' runs only get the parent."""
     _job.update(parent_run_id=parent_run_id, tags=tags)
     try:
         yield
@@ -146,51 +193,95 @@ def start_run(
     """
     mlflow = _mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment_name)
+    close_dead_runs(experiment_id)
     if run_id is not None:
         with mlflow.start_run(run_id=run_id) as run, _record_error(mlflow):
             yield run
         return
     tags = {"stage": stage, **provenance_tags()}
-    if stage == "train" and _job:
+    # Only the training run is the job's run: data preparation inside a job stays outside
+    # the sweep, so the sweep's children are exactly its jobs.
+    is_job_run = stage == "train" and bool(_job)
+    if is_job_run:
         tags.update(_job["tags"])
-        _job["run_started"] = True
     with (
         mlflow.start_run(
             experiment_id=experiment_id,
             run_name=tags.get("sweep_job_name", stage),
-            parent_run_id=_job.get("parent_run_id"),
+            parent_run_id=_job.get("parent_run_id") if is_job_run else None,
             tags=tags,
         ) as run,
         _record_error(mlflow),
     ):
+        if is_job_run:
+            _job["run_id"] = run.info.run_id
         mlflow.log_params(flatten(cfg) if params is None else params)
         yield run
 
 
 @contextmanager
 def _record_error(mlflow: Any) -> Iterator[None]:
+    """Put the error on the run; an interrupted run (Ctrl-C, SIGTERM) ends KILLED."""
     try:
         yield
     except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.set_tag("error", error_text(exc))
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            mlflow.end_run(status="KILLED")
         raise
 
 
-def job_run_started() -> bool:
-    """Whether this sweep job got as far as opening its run (which then ended FAILED)."""
-    return bool(_job.get("run_started"))
-
-
-def record_failed_job(experiment_name: str, error: BaseException, params: dict) -> str:
-    """A FAILED run for a sweep job that could not start (an invalid config, say)."""
+def close_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs this machine left RUNNING when their process died (SIGKILL, a
+    crash, a lost machine can't say goodbye). Returns their ids."""
     client = _mlflow().MlflowClient()
+    host = socket.gethostname()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+    )
+    closed = []
+    for run in stale:
+        pid = int(run.data.tags.get("process.pid", "0"))
+        if pid <= 0 or pid == os.getpid() or _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "error", f"process {pid} died while the run was open")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("marked run %s KILLED: its process %d is gone", run.info.run_id, pid)
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:5000]
+
+
+def fail_job(experiment_name: str, error: BaseException, params: dict) -> str:
+    """Record a sweep job's failure on its run: the run it opened (whose training may have
+    finished before evaluation failed), or a new FAILED run if it never got that far (an
+    invalid config, say). Returns the run id."""
+    client = _mlflow().MlflowClient()
+    if "run_id" in _job:
+        client.set_tag(_job["run_id"], "error", error_text(error))
+        client.set_terminated(_job["run_id"], status="FAILED")
+        return _job["run_id"]
     run = client.create_run(
         ensure_experiment(experiment_name),
         run_name=_job.get("tags", {}).get("sweep_job_name"),
         tags={
             "stage": "train",
-            "mlflow.parentRunId": _job.get("parent_run_id", ""),
-            "error": f"{type(error).__name__}: {error}"[:5000],
+            "mlflow.parentRunId": _job.get("parent_run_id") or "",
+            "error": error_text(error),
             **provenance_tags(),
             **_job.get("tags", {}),
         },
@@ -230,6 +321,51 @@ def end_parent_run(parent_run_id: str, failed: bool) -> None:
 
 def log_artifact_to(run_id: str, path: str | Path) -> None:
     _mlflow().MlflowClient().log_artifact(run_id, str(path))
+
+
+CONFIG_ARTIFACT = "config.json"
+
+
+def log_run_spec(cfg: PipelineConfig, data_sha256: str) -> None:
+    """What it takes to run a training again: the full resolved config (as an artifact), the
+    data's content hash, the dependency lock's hash and the flags that change numerics."""
+    from omegaconf import OmegaConf
+
+    mlflow = _mlflow()
+    mlflow.log_dict(OmegaConf.to_container(OmegaConf.structured(cfg)), CONFIG_ARTIFACT)
+    lock = project_root() / "uv.lock"
+    mlflow.set_tags(
+        {
+            "data.content_sha256": data_sha256,
+            "uv.lock.sha256": hashlib.sha256(lock.read_bytes()).hexdigest()
+            if lock.exists()
+            else "missing",
+            "tf.onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+            "tf.op_determinism": "true",
+        }
+    )
+
+
+def get_run(run_id: str) -> Any:
+    mlflow = _mlflow()
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"no run {run_id!r} in the MLflow store {tracking_uri()}") from None
+
+
+def load_run_dict(run_id: str, name: str) -> dict:
+    return _mlflow().artifacts.load_dict(f"runs:/{run_id}/{name}")
+
+
+def load_logged_model(model_uri: str) -> Any:
+    return _mlflow().keras.load_model(model_uri)
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = _mlflow().MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 def set_tags(tags: dict[str, Any]) -> None:

@@ -34,21 +34,39 @@ HISTORY_FILE = "train_history.csv"
 def train(cfg: PipelineConfig) -> dict[str, float]:
     """Train, save the model and its run reference; return the training metrics."""
     import keras
+    import tensorflow as tf
 
     from mnist_pipeline.model import NUM_CLASSES, build_model, seed_everything
 
-    x_train, y_train = load_processed(cfg, "train")
+    # No run reference from an earlier training may outlive a failed one: evaluate would
+    # add its metrics to the wrong run.
+    (Path(cfg.paths.models) / RUN_FILE).unlink(missing_ok=True)
+    x_mapped, y_train = load_processed(cfg, "train")
     x_val, y_val = load_processed(cfg, "val")
     digest = data_hash(cfg)
+    example = np.array(x_mapped[:5])
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.optimizer)
-    onehot = lambda y: keras.utils.to_categorical(y, NUM_CLASSES)  # noqa: E731
-    validation = (x_val, onehot(y_val)) if len(x_val) else None
+    model = build_model(cfg.model, cfg.optimizer, cfg.train.steps_per_execution)
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+        # One copy, in TensorFlow's memory, shared by fit and evaluate: NumPy inputs would be
+        # converted again by each call (about 250 MB more at the peak, and slower).
+        return tf.convert_to_tensor(x), tf.convert_to_tensor(
+            keras.utils.to_categorical(y, NUM_CLASSES)
+        )
+
+    x_train, y_onehot = tensors(x_mapped, y_train)
+    validation = tensors(x_val, y_val) if len(x_val) else None
 
     with tracking.start_run(cfg, "train") as run:
-        tracking.set_tags({"data.content_sha256": digest})
-        tracking.log_dataset(x_train, y_train, "mnist-train", digest, context="training")
-        callbacks: list[keras.callbacks.Callback] = [EpochLogger()]
+        tracking.log_run_spec(cfg, digest)
+        tracking.log_dataset(x_mapped, y_train, "mnist-train", digest, context="training")
+        del x_mapped  # release the memory-mapped file; training reads the tensor
+        # TerminateOnNaN stops at the first NaN batch instead of training on garbage.
+        callbacks: list[keras.callbacks.Callback] = [
+            EpochLogger(),
+            keras.callbacks.TerminateOnNaN(),
+        ]
         if cfg.train.early_stopping_patience > 0:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
@@ -58,7 +76,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
         fit_started = time.perf_counter()
         history = model.fit(
             x_train,
-            onehot(y_train),
+            y_onehot,
             epochs=cfg.train.epochs,
             batch_size=cfg.train.batch_size,
             validation_data=validation,
@@ -71,9 +89,7 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
                 "training diverged (loss is NaN or infinite); the model was "
                 "not saved: lower optimizer.learning_rate"
             )
-        train_loss, train_accuracy = model.evaluate(
-            x_train, onehot(y_train), batch_size=1024, verbose=0
-        )
+        train_loss, train_accuracy = model.evaluate(x_train, y_onehot, batch_size=1024, verbose=0)
         metrics = {
             "fit_accuracy": history["accuracy"][-1],
             "train_accuracy": train_accuracy,
@@ -86,7 +102,8 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
         write_history(reports / HISTORY_FILE, history)
         with files.atomic_path(models / MODEL_FILE, suffix=".keras") as tmp:
             model.save(tmp)
-        model_uri = tracking.log_keras_model(model, np.asarray(x_train[:5]))
+        model_uri = tracking.log_keras_model(model, example)
+        tracking.set_tags({"model_uri": model_uri})
         files.write_json(
             models / RUN_FILE,
             {

@@ -1,0 +1,151 @@
+"""SIGKILL at the worst moment: while an output file is being written. No output path may
+then hold a partial file, and running the stage again must complete with the same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_pipeline.config import MNIST_FILES
+from mnist_pipeline.download import content_sha256
+from tests.conftest import make_mirror, sha_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def start(stage: str, cwd: Path, env: dict, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` the moment ``ready()`` is true (polled every 2 ms)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def writing(folder: Path) -> bool:
+    """A temporary file is open in ``folder``: a write is under way."""
+    return folder.exists() and any(folder.glob(".*.tmp*"))
+
+
+def visible(folder: Path) -> list[Path]:
+    return (
+        sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+    )
+
+
+@pytest.fixture
+def env(tracking_store, workdir):
+    return dict(os.environ)
+
+
+def test_kill_download_mid_file(tiny_cfg, tiny_mirror, https_mirror, workdir, env):
+    env["MNIST_MIRROR"] = https_mirror.url("slow")
+    proc = start("download", workdir, env, sha_overrides(tiny_mirror[1]))
+    raw = workdir / "data/raw"
+    kill_when(proc, lambda: writing(raw))
+    for path in visible(raw):  # whatever is at an output path is whole and verified
+        key = next(k for k, v in MNIST_FILES.items() if v == path.name)
+        assert content_sha256(path) == tiny_mirror[1][key]
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.download", *sha_overrides(tiny_mirror[1])],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in visible(raw)] == sorted(MNIST_FILES.values())
+
+
+def test_kill_preprocess_mid_array(workdir, env, tmp_path):
+    mirror = tmp_path / "big"
+    sha = make_mirror(mirror, train_size=30000)  # large enough to catch it writing
+    env["MNIST_MIRROR"] = str(mirror)
+    overrides = sha_overrides(sha)
+    subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.download", *overrides],
+        cwd=workdir,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    out = workdir / "data/processed"
+    kill_when(start("preprocess", workdir, env, overrides), lambda: writing(out))
+    for path in visible(out):
+        if path.suffix == ".npy":
+            np.load(path, allow_pickle=False)  # a partial .npy would fail to load
+    assert not (out / "manifest.json").exists()  # no manifest vouches for a half-written set
+    subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.preprocess", *overrides],
+        cwd=workdir,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shapes"]["x_train"] == [30000, 784]
+
+
+def test_kill_train_mid_fit_then_same_result(tiny_cfg, tiny_mirror, workdir, env):
+    from mnist_pipeline import download, preprocess, train
+
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    overrides = [*sha_overrides(tiny_mirror[1]), "train.epochs=1", "model.units=32"]
+    history = workdir / "reports/train_history.csv"
+    proc = start("train", workdir, env, [*overrides[:-2], "train.epochs=500", "model.units=32"])
+    import mlflow
+
+    def fitting() -> bool:
+        return bool(
+            mlflow.search_runs(
+                search_all_experiments=True,
+                output_format="list",
+                filter_string="tags.stage = 'train' and attributes.status = 'RUNNING'",
+            )
+        )
+
+    kill_when(proc, fitting)
+    assert not (workdir / "models/model.keras").exists()
+    assert not (workdir / "models/run.json").exists()
+    assert not history.exists()
+
+    again = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.train", *overrides],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads((workdir / "models/run.json").read_text())["train_metrics"]
+    uninterrupted = train.train(tiny_cfg)  # same config, in this process
+    assert rerun == {k: float(v) for k, v in uninterrupted.items()}
+    killed = mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string="attributes.status = 'KILLED'",
+    )
+    assert len(killed) == 1  # the dead run was closed when the next one started

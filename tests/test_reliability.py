@@ -1,0 +1,218 @@
+"""Failure handling: divergence, dead and interrupted runs, unreachable servers, many writers,
+and reproducing a recorded run bit for bit."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_pipeline import download, evaluate, preprocess, tracking, train
+from mnist_pipeline.errors import PipelineError
+from tests.conftest import compose_config, sha_overrides
+
+
+def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    cfg = compose_config(
+        [
+            *sha_overrides(tiny_mirror[1]),
+            "optimizer=sgd",
+            "optimizer.learning_rate=1e12",
+            "model.units=32",
+        ]
+    )
+    with pytest.raises(PipelineError, match="training diverged"):
+        train.train(cfg)
+    assert not (Path(cfg.paths.models) / "model.keras").exists()
+    run = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string="tags.stage = 'train'"
+    )[0]
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["error"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_of_dead_processes_are_marked_killed(tiny_cfg):
+    experiment = tracking.ensure_experiment(tiny_cfg.tracking.experiment_name)
+    client = mlflow.MlflowClient()
+    orphan = client.create_run(
+        experiment, tags={"process.host": socket.gethostname(), "process.pid": str(dead_pid())}
+    )
+    alive = client.create_run(
+        experiment, tags={"process.host": socket.gethostname(), "process.pid": str(os.getppid())}
+    )
+    download.download(tiny_cfg)  # any stage's next run cleans up
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert "died" in client.get_run(orphan.info.run_id).data.tags["error"]
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+
+
+def stage_process(stage: str, cwd: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_ends_the_run_killed(tiny_cfg, tiny_mirror, workdir):
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    proc = stage_process(
+        "train",
+        workdir,
+        dict(os.environ),
+        *sha_overrides(tiny_mirror[1]),
+        "train.epochs=200",
+        "model.units=32",
+    )
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        running = mlflow.search_runs(
+            search_all_experiments=True,
+            output_format="list",
+            filter_string="tags.stage = 'train' and attributes.status = 'RUNNING'",
+        )
+    assert running, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert mlflow.get_run(running[0].info.run_id).info.status == "KILLED"
+    assert not (workdir / "models/model.keras").exists()
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.download"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert time.monotonic() - started < 20
+    assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+WRITER = """
+import sys
+from mnist_pipeline import tracking
+from tests.conftest import compose_config
+cfg = compose_config()
+with tracking.start_run(cfg, "writer", params={"writer": sys.argv[1]}):
+    for step in range(5):
+        tracking.log_metrics({"value": float(sys.argv[1]) + step}, step=step)
+    tracking.log_dict({"writer": sys.argv[1]}, "writer.json")
+"""
+
+
+def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
+    tracking.ensure_experiment("mnist")  # as a sweep does before its jobs start
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(i)],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, errors
+    assert not any("database is locked" in e for e in errors)
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert sorted(r.data.params["writer"] for r in runs) == [str(i) for i in range(8)]
+    client = mlflow.MlflowClient()
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "value")) == 5
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["writer.json"]
+
+
+@pytest.fixture
+def git_workdir(workdir):
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    (workdir / "README").write_text("v1\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "README"], ["git", "commit", "-qm", "v1"]):
+        subprocess.run(cmd, cwd=workdir, env=env, check=True)
+    return workdir, env
+
+
+def test_reproduce_a_run_bit_for_bit(tiny_cfg, git_workdir, tmp_path):
+    from mnist_pipeline.reproduce import reproduce
+
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    train.train(tiny_cfg)
+    evaluate.evaluate(tiny_cfg)
+    run_id = json.loads((Path(tiny_cfg.paths.models) / "run.json").read_text())["run_id"]
+    assert mlflow.get_run(run_id).data.tags["git.dirty"] == "false"
+
+    report = reproduce(run_id, tmp_path / "again")
+    assert report["identical"], report["differences"]
+    new = mlflow.get_run(report["run_id"])
+    assert new.data.tags["reproduces"] == run_id
+    assert new.data.tags["reproduce.identical"] == "true"
+    assert new.data.metrics["test_accuracy"] == mlflow.get_run(run_id).data.metrics["test_accuracy"]
+
+
+def test_reproduce_refuses_other_code_and_other_data(tiny_cfg, git_workdir, tmp_path):
+    from mnist_pipeline.reproduce import reproduce
+
+    workdir, env = git_workdir
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    train.train(tiny_cfg)
+    run_id = json.loads((Path(tiny_cfg.paths.models) / "run.json").read_text())["run_id"]
+
+    (workdir / "README").write_text("v2\n")
+    with pytest.raises(PipelineError, match="with uncommitted changes"):
+        reproduce(run_id, tmp_path / "a")
+    subprocess.run(["git", "commit", "-qam", "v2"], cwd=workdir, env=env, check=True)
+    with pytest.raises(PipelineError, match="git switch --detach"):
+        reproduce(run_id, tmp_path / "b")
+    subprocess.run(["git", "switch", "-q", "--detach", "HEAD~1"], cwd=workdir, env=env, check=True)
+    with pytest.raises(PipelineError, match="is a download run"):
+        download.download(tiny_cfg)
+        reproduce(
+            mlflow.search_runs(
+                search_all_experiments=True,
+                output_format="list",
+                filter_string="tags.stage = 'download'",
+            )[0].info.run_id,
+            tmp_path / "c",
+        )
