@@ -30,8 +30,9 @@ from pathlib import Path
 
 import psutil
 
+from mnist_pipeline.workspace import copy_project
+
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "params.yaml", "conf", "src", ".dvc/config", ".dvcignore", ".gitignore"]
 OUTPUTS = ["data", "models", "reports", "dvc.lock", ".dvc/cache", ".dvc/tmp"]
 
 # Training arithmetic per sample per epoch for Dense(784->512) -> Dense(512->10):
@@ -94,21 +95,6 @@ def summary(samples: list[Sample]) -> dict:
         out[field] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     out["n"] = len(samples)
     return out
-
-
-def make_workspace(root: Path, env: dict[str, str]) -> Path:
-    """A git repository holding the project as it stands (uncommitted edits included)."""
-    work = root / "project"
-    for name in COPIED:
-        src, dst = ROOT / name, work / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
-    return work
 
 
 def clear_outputs(work: Path) -> None:
@@ -183,14 +169,10 @@ def main() -> None:
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@localhost",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@localhost",
     }
     if args.mirror:
         env["MNIST_MIRROR"] = args.mirror
-    work = make_workspace(tmp, env)
+    work = copy_project(tmp / "project", env)
     results: dict = {"machine": machine(), "repeat": args.repeat}
     stage = [sys.executable, "-m"]
     params = ["--config-dir", ".", "--config-name", "params"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,17 @@ def tiny_cfg(tiny_mirror, tracking_store, workdir, monkeypatch) -> PipelineConfi
     folder, sha = tiny_mirror
     monkeypatch.setenv("MNIST_MIRROR", str(folder))
     return compose_config([*sha_overrides(sha), "train.epochs=1", "model.units=32"])
+
+
+def start_stage(stage: str, cwd: Path, env: dict, *overrides: str, **popen) -> subprocess.Popen:
+    """A stage as its own process (``python -m mnist_pipeline.<stage> overrides...``).
+
+    Its stdout (a line per epoch) is discarded: a pipe nobody reads fills up and blocks a long
+    training. Read stderr with ``communicate()``."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(
+        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides], cwd=cwd, env=env, **popen
+    )
 
 
 @pytest.fixture(autouse=True)

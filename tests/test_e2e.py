@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_pipeline.config import PROJECT_ROOT
 from mnist_pipeline.params import compose_params
+from mnist_pipeline.workspace import copy_project, git_commit
 
 pytestmark = pytest.mark.slow
-
-COPIED = ["dvc.yaml", "conf", "src", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -43,14 +40,7 @@ def project(tmp_path_factory, tiny_mirror):
     after one `dvc repro` (shared by this module's tests, which run in order)."""
     folder, sha = tiny_mirror
     tmp_path = tmp_path_factory.mktemp("e2e")
-    repo = tmp_path / "repo"
-    for name in COPIED:
-        src, dst = PROJECT_ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
+    repo = copy_project(tmp_path / "repo", commit=False)
     edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
     edit_yaml(repo / "conf/train/default.yaml", epochs=1)
     edit_yaml(repo / "conf/model/mlp.yaml", units=32)
@@ -61,13 +51,13 @@ def project(tmp_path_factory, tiny_mirror):
         "MNIST_MIRROR": str(folder),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # `dvc exp run` makes commits of its own: it needs an identity.
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        run(cmd, repo, env)
+    git_commit(repo, env)
     first = run(["dvc", "repro"], repo, env)
     return repo, env, first
 

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,20 +13,16 @@ import pytest
 
 from mnist_pipeline.config import MNIST_FILES
 from mnist_pipeline.download import content_sha256
-from tests.conftest import make_mirror, sha_overrides
+from tests.conftest import make_mirror, sha_overrides, start_stage
 
 pytestmark = pytest.mark.slow
 
 
-def start(stage: str, cwd: Path, env: dict, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def finish(stage: str, cwd: Path, env: dict, *overrides: str) -> None:
+    """Run a stage to the end; it must succeed."""
+    proc = start_stage(stage, cwd, env, *overrides)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -60,21 +55,13 @@ def env(tracking_store, workdir):
 
 def test_kill_download_mid_file(tiny_cfg, tiny_mirror, https_mirror, workdir, env):
     env["MNIST_MIRROR"] = https_mirror.url("slow")
-    proc = start("download", workdir, env, sha_overrides(tiny_mirror[1]))
+    proc = start_stage("download", workdir, env, *sha_overrides(tiny_mirror[1]))
     raw = workdir / "data/raw"
     kill_when(proc, lambda: writing(raw))
     for path in visible(raw):  # whatever is at an output path is whole and verified
         key = next(k for k, v in MNIST_FILES.items() if v == path.name)
         assert content_sha256(path) == tiny_mirror[1][key]
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.download", *sha_overrides(tiny_mirror[1])],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    finish("download", workdir, env, *sha_overrides(tiny_mirror[1]))
     assert [p.name for p in visible(raw)] == sorted(MNIST_FILES.values())
 
 
@@ -83,26 +70,14 @@ def test_kill_preprocess_mid_array(workdir, env, tmp_path):
     sha = make_mirror(mirror, train_size=30000)  # large enough to catch it writing
     env["MNIST_MIRROR"] = str(mirror)
     overrides = sha_overrides(sha)
-    subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.download", *overrides],
-        cwd=workdir,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    finish("download", workdir, env, *overrides)
     out = workdir / "data/processed"
-    kill_when(start("preprocess", workdir, env, overrides), lambda: writing(out))
+    kill_when(start_stage("preprocess", workdir, env, *overrides), lambda: writing(out))
     for path in visible(out):
         if path.suffix == ".npy":
             np.load(path, allow_pickle=False)  # a partial .npy would fail to load
     assert not (out / "manifest.json").exists()  # no manifest vouches for a half-written set
-    subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.preprocess", *overrides],
-        cwd=workdir,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    finish("preprocess", workdir, env, *overrides)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shapes"]["x_train"] == [30000, 784]
 
@@ -114,7 +89,9 @@ def test_kill_train_mid_fit_then_same_result(tiny_cfg, tiny_mirror, workdir, env
     preprocess.preprocess(tiny_cfg)
     overrides = [*sha_overrides(tiny_mirror[1]), "train.epochs=1", "model.units=32"]
     history = workdir / "reports/train_history.csv"
-    proc = start("train", workdir, env, [*overrides[:-2], "train.epochs=500", "model.units=32"])
+    proc = start_stage(
+        "train", workdir, env, *overrides[:-2], "train.epochs=100000", "model.units=32"
+    )
     import mlflow
 
     def fitting() -> bool:
@@ -131,15 +108,7 @@ def test_kill_train_mid_fit_then_same_result(tiny_cfg, tiny_mirror, workdir, env
     assert not (workdir / "models/run.json").exists()
     assert not history.exists()
 
-    again = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.train", *overrides],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr
+    finish("train", workdir, env, *overrides)
     rerun = json.loads((workdir / "models/run.json").read_text())["train_metrics"]
     uninterrupted = train.train(tiny_cfg)  # same config, in this process
     assert rerun == {k: float(v) for k, v in uninterrupted.items()}

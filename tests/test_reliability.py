@@ -15,7 +15,7 @@ import pytest
 
 from mnist_pipeline import download, evaluate, preprocess, tracking, train
 from mnist_pipeline.errors import PipelineError
-from tests.conftest import compose_config, sha_overrides
+from tests.conftest import compose_config, sha_overrides, start_stage
 
 
 def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):
@@ -60,26 +60,15 @@ def test_runs_of_dead_processes_are_marked_killed(tiny_cfg):
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
 
 
-def stage_process(stage: str, cwd: Path, env: dict, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_sigterm_ends_the_run_killed(tiny_cfg, tiny_mirror, workdir):
+def test_sigterm_stops_at_once_and_the_next_run_marks_it_killed(tiny_cfg, tiny_mirror, workdir):
     download.download(tiny_cfg)
     preprocess.preprocess(tiny_cfg)
-    proc = stage_process(
+    proc = start_stage(
         "train",
         workdir,
         dict(os.environ),
         *sha_overrides(tiny_mirror[1]),
-        "train.epochs=200",
+        "train.epochs=100000",
         "model.units=32",
     )
     deadline = time.monotonic() + 120
@@ -93,10 +82,14 @@ def test_sigterm_ends_the_run_killed(tiny_cfg, tiny_mirror, workdir):
         )
     assert running, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
-    assert mlflow.get_run(running[0].info.run_id).info.status == "KILLED"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "error: stopped by signal 15" in err and "Traceback" not in err
     assert not (workdir / "models/model.keras").exists()
+    download.download(tiny_cfg)  # the next run, of any stage, closes the dead one
+    run = mlflow.get_run(running[0].info.run_id)
+    assert run.info.status == "KILLED"
+    assert "died while the run was open" in run.data.tags["error"]
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):

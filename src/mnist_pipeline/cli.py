@@ -26,6 +26,7 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     traceback. An unreachable tracking server is found here, before any work starts.
     """
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
         config = load_config(cfg)
         tracking.check_store(tracking.tracking_uri())
@@ -38,5 +39,11 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM unwinds like Ctrl-C, so open MLflow runs end KILLED and temp files go."""
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
+    """Stop at once on SIGTERM or Ctrl-C.
+
+    Unwinding from wherever the signal lands (inside an MLflow database write, say) can
+    leave the SQLite store locked, so this exits without touching it. Outputs are safe, since
+    every file is written atomically; the run left RUNNING is marked KILLED by the next run
+    on this machine (tracking.close_dead_runs)."""
+    os.write(2, f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode())
+    os._exit(128 + signum)
