@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -14,8 +13,6 @@ from omegaconf import DictConfig
 from mnist_pipeline import tracking
 from mnist_pipeline.config import PipelineConfig, load_config
 from mnist_pipeline.errors import PipelineError
-
-log = logging.getLogger(__name__)
 
 
 def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
