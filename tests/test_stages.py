@@ -164,3 +164,22 @@ def test_steps_per_execution_changes_speed_not_results(prepared, tiny_mirror):
     assert m1 == m50
     for a, b in zip(w1, w50, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_ends_training_early(prepared, tiny_mirror):
+    cfg = compose_config(
+        [
+            *sha_overrides(tiny_mirror[1]),
+            "data.val_split=0.25",
+            "model.units=32",
+            "train.epochs=300",
+            "train.early_stopping_patience=2",
+            "optimizer.learning_rate=0.5",  # large steps: validation loss bounces
+        ]
+    )
+    preprocess.preprocess(cfg)
+    metrics = train.train(cfg)
+    assert metrics["epochs_run"] < 300
+    history = (Path(cfg.paths.reports) / "train_history.csv").read_text().splitlines()
+    assert history[0].split(",") == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert len(history) - 1 == metrics["epochs_run"]
