@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup repro test test-fast lint params ui bench
+.PHONY: setup repro test test-fast lint params ui server bench
 
 setup: $(STAMP)
 
@@ -48,3 +48,9 @@ params: setup
 ui: setup
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--host 127.0.0.1 --port 5000
+
+## A shared MLflow tracking server: runs in PostgreSQL, artifacts stored and served by the
+## server (README: "When one machine is not enough"). Settings: MLFLOW_BACKEND_STORE_URI,
+## MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
+server: setup
+	python -m mnist_pipeline.tracking_server

@@ -105,6 +105,30 @@ def test_dvc_repro_end_to_end(project, store):
     assert accuracy == pytest.approx(shown["test_accuracy"], abs=1e-6)
 
 
+def test_push_then_pull_into_a_fresh_clone(project, tmp_path):
+    """A team shares results through a DVC remote (a local folder here, as on a shared
+    filesystem): a clone that pulls has nothing left to run and shows the same metrics."""
+    repo, env, _ = project
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "--default", "shared", str(remote)], repo, env)
+    git_commit(repo, env, message="results and the remote")
+    pushed = run(["dvc", "push"], repo, env)
+    assert "pushed" in pushed and any(remote.rglob("*")), pushed
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=60)
+    assert not (clone / "models").exists()  # only git's files so far
+    run(["dvc", "pull"], clone, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env)
+    assert "Running stage" not in run(["dvc", "repro"], clone, env)
+    shown = {
+        path: json.loads(run(["dvc", "metrics", "show", "--json"], path, env))[""]["data"]
+        for path in (repo, clone)
+    }
+    assert shown[clone] == shown[repo]
+    assert (clone / "models/model.keras").read_bytes() == (repo / "models/model.keras").read_bytes()
+
+
 def test_param_change_reruns_only_what_it_touches(project):
     repo, env, _ = project
     out = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)

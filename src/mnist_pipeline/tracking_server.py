@@ -1,0 +1,138 @@
+"""Start a shared MLflow tracking server: runs in PostgreSQL, artifacts proxied by the server.
+
+The project's default store, SQLite beside the code, serves one person on one machine. A
+team runs one server and points every machine at it with a single setting,
+``MLFLOW_TRACKING_URI=http://host:5000``; nothing else in the project changes. Clients then
+never see the database or the artifact store, only the server's REST API, so the artifact
+store can move to S3 or another object store (``--artifacts-destination s3://bucket/path``)
+without touching a client.
+
+This module checks the database before starting (``mlflow server`` itself would print a
+SQLAlchemy traceback) and then becomes ``mlflow server``; ``make server`` and the tests start
+it through here, with the same arguments. The settings use MLflow's own variable names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from mnist_pipeline.config import PROJECT_ROOT
+from mnist_pipeline.errors import ConfigError
+
+DEFAULT_BACKEND = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
+DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts-server"
+
+
+def redact(uri: str) -> str:
+    """The URI without its password, for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_backend(uri: str, timeout_s: int = 5) -> None:
+    """Fail in seconds, with the reason, when the PostgreSQL store cannot be used."""
+    scheme = urlsplit(uri).scheme
+    if not scheme.startswith("postgresql"):
+        return  # MySQL, SQLite, ...: mlflow server reports its own errors
+    import psycopg
+
+    # SQLAlchemy may name a driver (postgresql+psycopg://); libpq does not know that form.
+    dsn = "postgresql" + uri[len(scheme) :]
+    try:
+        psycopg.connect(dsn, connect_timeout=timeout_s).close()
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"PostgreSQL store {redact(uri)} is not usable: {reason}. Start PostgreSQL and "
+            "create the role and database (README: 'When one machine is not enough'), or set "
+            "MLFLOW_BACKEND_STORE_URI"
+        ) from None
+
+
+def artifacts_location(destination: str) -> str:
+    """An object-store URI as given; a local folder made absolute and created."""
+    if "://" in destination:
+        return destination
+    folder = Path(destination).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def server_command(
+    backend_store_uri: str,
+    artifacts_destination: str,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    workers: int = 2,
+) -> list[str]:
+    """``mlflow server`` with a database backend and proxied artifacts (``--serve-artifacts``:
+    clients upload and download through the server and need no storage credentials)."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [
+        str(mlflow),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other options are passed to `mlflow server` (see `mlflow server --help`).",
+    )
+    parser.add_argument(
+        "--backend-store-uri",
+        default=env("MLFLOW_BACKEND_STORE_URI", DEFAULT_BACKEND),
+        help="SQLAlchemy URI of the database (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--artifacts-destination",
+        default=env("MLFLOW_ARTIFACTS_DESTINATION", str(DEFAULT_ARTIFACTS)),
+        help="a shared folder or an object store, e.g. s3://bucket/mlflow (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env("MLFLOW_HOST", "127.0.0.1"),
+        help="interface to bind: 127.0.0.1 (default) is this machine only; 0.0.0.0 shares it",
+    )
+    parser.add_argument("--port", type=int, default=int(env("MLFLOW_PORT", "5000")))
+    parser.add_argument("--workers", type=int, default=int(env("MLFLOW_WORKERS", "2")))
+    # Anything else goes to `mlflow server` as is (--allowed-hosts, --gunicorn-opts, ...).
+    args, extra = parser.parse_known_args(argv)
+    try:
+        check_backend(args.backend_store_uri)
+        artifacts = artifacts_location(args.artifacts_destination)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    command = server_command(args.backend_store_uri, artifacts, args.host, args.port, args.workers)
+    command += extra
+    print(
+        f"MLflow tracking server: http://{args.host}:{args.port} "
+        f"(runs in {redact(args.backend_store_uri)}, artifacts in {artifacts})\n"
+        f"Point the pipeline at it: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}",
+        flush=True,
+    )
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

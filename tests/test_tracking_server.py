@@ -1,0 +1,148 @@
+"""A shared tracking server: PostgreSQL + `mlflow server`, both real, on loopback.
+
+The pipeline and a sweep run with only ``MLFLOW_TRACKING_URI`` pointing at the server; the
+checks then go through the server's REST API, as an outside client's would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mnist_pipeline import tracking_server
+from tests.conftest import sha_overrides
+from tests.services import MlflowServer, Postgres, free_port
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """PostgreSQL and an MLflow server on it, for this module; both stopped at the end."""
+    postgres = Postgres()
+    try:
+        folder = tmp_path_factory.mktemp("mlflow-server")
+        mlflow = MlflowServer(postgres.dsn(), folder / "artifacts", folder / "server.log")
+        try:
+            yield mlflow, folder / "artifacts"
+        finally:
+            mlflow.close()
+    finally:
+        postgres.close()
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    """One call to MLflow's REST API: GET without a body, POST with one."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}/api/2.0/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def fetch(url: str, path: str) -> bytes:
+    with urllib.request.urlopen(f"{url}/api/2.0/{path}", timeout=30) as response:
+        return response.read()
+
+
+def run_module(workdir: Path, env: dict, *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.pipeline", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
+    mlflow, artifacts = server
+    folder, sha = tiny_mirror
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    # The one setting that changes: the tracking URI. Nothing else points at the server.
+    env = {**os.environ, "MNIST_MIRROR": str(folder), "MLFLOW_TRACKING_URI": mlflow.url}
+    base = [*sha_overrides(sha), f"train.epochs={EPOCHS}"]
+    run_module(workdir, env, *base, "hydra.run.dir=single")
+    run_module(workdir, env, "-m", *base, "model.units=16,32")
+
+    experiment = api(mlflow.url, "mlflow/experiments/get-by-name?experiment_name=mnist")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    # Proxied artifacts: clients see the server's scheme, never the storage behind it.
+    assert experiment["experiment"]["artifact_location"].startswith("mlflow-artifacts:")
+    runs = api(
+        mlflow.url, "mlflow/runs/search", {"experiment_ids": [experiment_id], "max_results": 100}
+    )["runs"]
+    assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+
+    def tags(run: dict) -> dict:
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    train_runs = [r for r in runs if tags(r).get("stage") == "train"]
+    assert len(train_runs) == 3  # the single run and the sweep's two jobs
+    assert {tags(r).get("stage") for r in runs} >= {"download", "preprocess", "train"}
+
+    parents = [r for r in runs if tags(r).get("sweep_role") == "parent"]
+    assert len(parents) == 1
+    children = [r for r in train_runs if "sweep_id" in tags(r)]
+    assert {tags(r)["mlflow.parentRunId"] for r in children} == {parents[0]["info"]["run_id"]}
+    units = {p["value"] for r in children for p in r["data"]["params"] if p["key"] == "model.units"}
+    assert units == {"16", "32"}
+
+    single = json.loads((workdir / "single/reports/metrics.json").read_text())
+    for run in train_runs:
+        run_id = run["info"]["run_id"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert {"fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap"} <= set(metrics)
+        if "sweep_id" not in tags(run):
+            assert metrics["test_accuracy"] == pytest.approx(single["test_accuracy"])
+        history = api(
+            mlflow.url, f"mlflow/metrics/get-history?run_id={run_id}&metric_key=accuracy"
+        )["metrics"]
+        assert sorted(m["step"] for m in history) == list(range(1, EPOCHS + 1))
+        files = {
+            f["path"] for f in api(mlflow.url, f"mlflow/artifacts/list?run_id={run_id}")["files"]
+        }
+        assert {"config.json", "metrics.json", "confusion_matrix.png"} <= files
+
+    sweep_files = api(mlflow.url, f"mlflow/artifacts/list?run_id={parents[0]['info']['run_id']}")
+    assert {"comparison.md", "comparison.csv"} <= {f["path"] for f in sweep_files["files"]}
+
+    models = api(mlflow.url, "mlflow/logged-models/search", {"experiment_ids": [experiment_id]})
+    models = models["models"]
+    assert sorted(m["info"]["source_run_id"] for m in models) == sorted(
+        r["info"]["run_id"] for r in train_runs
+    )
+    for model in models:
+        info = model["info"]
+        assert info["status"] == "LOGGED_MODEL_READY"
+        listing = api(mlflow.url, f"mlflow/logged-models/{info['model_id']}/artifacts/directories")
+        assert "MLmodel" in {f["path"] for f in listing["files"]}
+        # The files themselves, downloaded through the server's artifact proxy ...
+        location = info["artifact_uri"].removeprefix("mlflow-artifacts:/")
+        assert b"keras" in fetch(mlflow.url, f"mlflow-artifacts/artifacts/{location}/MLmodel")
+        # ... and stored where the server was told to put them.
+        assert (artifacts / location / "MLmodel").is_file()
+
+    # Nothing went to a local store beside the work.
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
+
+
+def test_server_refuses_an_unreachable_database(capsys):
+    uri = f"postgresql://mlflow:secret@127.0.0.1:{free_port()}/mlflow"
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main(["--backend-store-uri", uri])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "PostgreSQL store postgresql://mlflow:***@127.0.0.1" in err
+    assert "is not usable" in err and "secret" not in err
