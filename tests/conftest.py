@@ -100,6 +100,16 @@ def tiny_cfg(tiny_mirror, tracking_store, workdir, monkeypatch) -> PipelineConfi
     return compose_config([*sha_overrides(sha), "train.epochs=1", "model.units=32"])
 
 
+@pytest.fixture
+def prepared(tiny_cfg) -> PipelineConfig:
+    """``tiny_cfg`` with its data downloaded and preprocessed in the working folder."""
+    from mnist_pipeline import download, preprocess
+
+    download.download(tiny_cfg)
+    preprocess.preprocess(tiny_cfg)
+    return tiny_cfg
+
+
 def start_stage(stage: str, cwd: Path, env: dict, *overrides: str, **popen) -> subprocess.Popen:
     """A stage as its own process (``python -m mnist_pipeline.<stage> overrides...``).
 
@@ -135,3 +145,47 @@ def https_mirror(tiny_mirror, tmp_path, monkeypatch):
     server = MirrorServer(tiny_mirror[0], ca_file, ca.issue_cert("127.0.0.1"))
     yield server
     server.close()
+
+
+#: The metrics every finished training run has.
+HEADLINE = ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss")
+
+
+@pytest.fixture
+def sweep(tiny_mirror, tracking_store, workdir):
+    """Run a sweep on tiny data in a subprocess; return (the completed process, the sweep's
+    parent run, its child runs)."""
+    import mlflow
+
+    folder, sha = tiny_mirror
+    env = {**os.environ, "MNIST_MIRROR": str(folder)}
+
+    def run(*overrides: str):
+        cmd = [
+            sys.executable,
+            "-m",
+            "mnist_pipeline.pipeline",
+            "-m",
+            *sha_overrides(sha),
+            "train.epochs=1",
+            *overrides,
+        ]
+        result = subprocess.run(
+            cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+        )
+        parents = mlflow.search_runs(
+            search_all_experiments=True,
+            output_format="list",
+            filter_string="tags.sweep_role = 'parent'",
+        )
+        assert len(parents) == 1, result.stderr[-3000:]
+        parent = parents[0]
+        sweep_id = parent.data.tags["sweep_parent"]
+        children = mlflow.search_runs(
+            search_all_experiments=True,
+            output_format="list",
+            filter_string=f"tags.sweep_id = '{sweep_id}'",
+        )
+        return result, parent, children
+
+    return run

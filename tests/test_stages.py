@@ -18,13 +18,6 @@ def tiny_images():
     return synthetic_digits(TRAIN_SIZE, seed=1)[0]
 
 
-@pytest.fixture
-def prepared(tiny_cfg):
-    download.download(tiny_cfg)
-    preprocess.preprocess(tiny_cfg)
-    return tiny_cfg
-
-
 def test_preprocess_outputs(prepared):
     out = Path(prepared.paths.processed)
     x_train = np.load(out / "x_train.npy", mmap_mode="r", allow_pickle=False)

@@ -1,54 +1,11 @@
 """Hydra multirun sweeps through `python -m mnist_pipeline.pipeline -m`, in a subprocess."""
 
-import os
-import subprocess
-import sys
-
 import mlflow
 import pytest
 
-from tests.conftest import sha_overrides
+from tests.conftest import HEADLINE
 
 pytestmark = pytest.mark.slow
-
-HEADLINE = ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss")
-
-
-@pytest.fixture
-def sweep(tiny_mirror, tracking_store, workdir):
-    """Run a sweep on tiny data in a subprocess; return (exit code, stderr, parent, children)."""
-    folder, sha = tiny_mirror
-    env = {**os.environ, "MNIST_MIRROR": str(folder)}
-
-    def run(*overrides: str):
-        cmd = [
-            sys.executable,
-            "-m",
-            "mnist_pipeline.pipeline",
-            "-m",
-            *sha_overrides(sha),
-            "train.epochs=1",
-            *overrides,
-        ]
-        result = subprocess.run(
-            cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900
-        )
-        parents = mlflow.search_runs(
-            search_all_experiments=True,
-            output_format="list",
-            filter_string="tags.sweep_role = 'parent'",
-        )
-        assert len(parents) == 1, result.stderr[-3000:]
-        parent = parents[0]
-        sweep_id = parent.data.tags["sweep_parent"]
-        children = mlflow.search_runs(
-            search_all_experiments=True,
-            output_format="list",
-            filter_string=f"tags.sweep_id = '{sweep_id}'",
-        )
-        return result, parent, children
-
-    return run
 
 
 def test_two_by_two_sweep(sweep, workdir):

@@ -97,20 +97,30 @@ class SweepCallback(Callback):
             raise SystemExit(1)
 
 
-def limit_threads(n_jobs: int | None) -> None:
-    """Give each of ``n_jobs`` parallel jobs its share of the cores, so TensorFlow's thread
-    pools do not oversubscribe the machine. Must run before TensorFlow starts its runtime;
-    a worker process that already ran a job keeps the setting it had."""
+def job_threads(launcher: DictConfig) -> int | None:
+    """TensorFlow threads for one job, so that parallel jobs do not oversubscribe their
+    machine: the CPUs a Ray launcher reserves per job (``num_cpus``), or the cores shared
+    among joblib's ``n_jobs``. None (TensorFlow's default: every core) for one job at a time."""
+    if launcher.get("num_cpus"):
+        return max(1, int(launcher.num_cpus))
+    n_jobs = launcher.get("n_jobs")
     if not n_jobs or n_jobs == 1:
-        return
+        return None
     cores = os.cpu_count() or 1
     jobs = cores if n_jobs < 0 else min(n_jobs, cores)
-    per_job = max(1, cores // jobs)
+    return max(1, cores // jobs)
+
+
+def limit_threads(threads: int | None) -> None:
+    """Set TensorFlow's thread pools to ``threads``. Must run before TensorFlow starts its
+    runtime; a worker process that already ran a job keeps the setting it had."""
+    if threads is None:
+        return
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(per_job)
-        tf.config.threading.set_inter_op_parallelism_threads(per_job)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         pass
 
@@ -128,7 +138,7 @@ def run_job(raw: DictConfig) -> dict | None:
         "sweep_job_name": f"{info['sweep_id']}-job{hydra_cfg.job.num}",
         "sweep_overrides": " ".join(overrides),
     }
-    limit_threads(hydra_cfg.launcher.get("n_jobs"))
+    limit_threads(job_threads(hydra_cfg.launcher))
     with tracking.job_context(info["parent_run_id"], tags):
         try:
             cfg = load_config(raw)

@@ -329,6 +329,7 @@ CONFIG_ARTIFACT = "config.json"
 def log_run_spec(cfg: PipelineConfig, data_sha256: str) -> None:
     """What it takes to run a training again: the full resolved config (as an artifact), the
     data's content hash, the dependency lock's hash and the flags that change numerics."""
+    import tensorflow as tf
     from omegaconf import OmegaConf
 
     mlflow = _mlflow()
@@ -342,6 +343,8 @@ def log_run_spec(cfg: PipelineConfig, data_sha256: str) -> None:
             else "missing",
             "tf.onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
             "tf.op_determinism": "true",
+            # A sweep job's share of the cores (0: TensorFlow's default, every core).
+            "tf.intra_op_threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
         }
     )
 

@@ -12,13 +12,14 @@ import csv
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import files, tracking
+from mnist_pipeline import distribute, files, tracking
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import CONF_DIR, PipelineConfig
 from mnist_pipeline.errors import PipelineError
@@ -32,21 +33,34 @@ HISTORY_FILE = "train_history.csv"
 
 
 def train(cfg: PipelineConfig) -> dict[str, float]:
-    """Train, save the model and its run reference; return the training metrics."""
+    """Train, save the model and its run reference; return the training metrics.
+
+    Under ``train.strategy=multi_worker`` every worker runs this; only the chief saves,
+    writes reports and logs to MLflow (see ``distribute``).
+    """
     import keras
     import tensorflow as tf
 
     from mnist_pipeline.model import NUM_CLASSES, build_model, seed_everything
 
+    # First of all: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    dist = distribute.setup(cfg.train.strategy)
     # No run reference from an earlier training may outlive a failed one: evaluate would
     # add its metrics to the wrong run.
-    (Path(cfg.paths.models) / RUN_FILE).unlink(missing_ok=True)
+    if dist.chief:
+        (Path(cfg.paths.models) / RUN_FILE).unlink(missing_ok=True)
     x_mapped, y_train = load_processed(cfg, "train")
     x_val, y_val = load_processed(cfg, "val")
     digest = data_hash(cfg)
     example = np.array(x_mapped[:5])
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.optimizer, cfg.train.steps_per_execution)
+    steps_per_execution = dist.steps_per_execution(cfg.train.steps_per_execution)
+
+    def build() -> keras.Model:
+        return build_model(cfg.model, cfg.optimizer, steps_per_execution)
+
+    with dist.scope():
+        model = build()
 
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
         # One copy, in TensorFlow's memory, shared by fit and evaluate: NumPy inputs would be
@@ -57,14 +71,25 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
 
     x_train, y_onehot = tensors(x_mapped, y_train)
     validation = tensors(x_val, y_val) if len(x_val) else None
+    if dist.strategy is None:
+        data = {"x": x_train, "y": y_onehot, "batch_size": cfg.train.batch_size}
+    else:  # global batches, split across replicas by the strategy
+        batches = distribute.batches(x_train, y_onehot, cfg.train.batch_size, cfg.seed)
+        data = {"x": batches, "shuffle": False}  # shuffled by the pipeline, per epoch
+        if validation is not None:
+            validation = distribute.batches(*validation, cfg.train.batch_size)
 
-    with tracking.start_run(cfg, "train") as run:
-        tracking.log_run_spec(cfg, digest)
-        tracking.log_dataset(x_mapped, y_train, "mnist-train", digest, context="training")
+    with tracking.start_run(cfg, "train") if dist.chief else nullcontext() as run:
+        if dist.chief:
+            tracking.log_run_spec(cfg, digest)
+            tracking.log_dataset(x_mapped, y_train, "mnist-train", digest, context="training")
+            tracking.set_tags(
+                {"distribute.workers": dist.workers, "distribute.replicas": dist.replicas}
+            )
         del x_mapped  # release the memory-mapped file; training reads the tensor
         # TerminateOnNaN stops at the first NaN batch instead of training on garbage.
         callbacks: list[keras.callbacks.Callback] = [
-            EpochLogger(),
+            *([EpochLogger()] if dist.chief else []),
             keras.callbacks.TerminateOnNaN(),
         ]
         if cfg.train.early_stopping_patience > 0:
@@ -74,21 +99,25 @@ def train(cfg: PipelineConfig) -> dict[str, float]:
                 )
             )
         fit_started = time.perf_counter()
-        history = model.fit(
-            x_train,
-            y_onehot,
-            epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size,
-            validation_data=validation,
-            callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
-        ).history
+        with distribute.keras_multi_worker_fixes(model, dist):
+            history = model.fit(
+                **data,
+                epochs=cfg.train.epochs,
+                validation_data=validation,
+                callbacks=callbacks,
+                verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
+            ).history
         fit_seconds = time.perf_counter() - fit_started
         if not np.isfinite(history["loss"]).all():
             raise PipelineError(
                 "training diverged (loss is NaN or infinite); the model was "
                 "not saved: lower optimizer.learning_rate"
             )
+        if not dist.chief:
+            log.info("worker done; the chief saves the model and logs the run")
+            return {"fit_accuracy": history["accuracy"][-1], "epochs_run": len(history["loss"])}
+        if dist.strategy is not None:
+            model = distribute.local_copy(model, build)
         train_loss, train_accuracy = model.evaluate(x_train, y_onehot, batch_size=1024, verbose=0)
         metrics = {
             "fit_accuracy": history["accuracy"][-1],

@@ -1,0 +1,154 @@
+"""Hydra launcher that runs sweep jobs as tasks on a running Ray cluster.
+
+Selected with ``hydra/launcher=ray_cluster`` (``conf/hydra/launcher/ray_cluster.yaml``).
+Hydra only accepts launchers from the ``hydra_plugins`` namespace, hence this module's place.
+
+Why not the ``hydra-ray-launcher`` plugin (1.2.2, its latest release): against a cluster
+started with ``ray start`` it fails twice.
+
+- It always passes ``object_store_memory`` to ``ray.init``, which Ray refuses when connecting
+  to an existing cluster (hydra issue #2893; fixed upstream, not released).
+- Its jobs run in the raylet's working directory (wherever ``ray start`` ran), not the
+  sweep's, so the relative sweep folder and data paths point elsewhere: the first job fails
+  reading its sweep's ``mlflow_sweep.json``. The plugin has no option to change that.
+
+This launcher runs each job in the directory the sweep was started from, which must exist at
+the same path on every node (one machine, or a shared file system), and gives every job the
+environment the runs need: Ray workers inherit the raylet's environment, not this shell's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class RayClusterLauncher(Launcher):
+    def __init__(self, address: str, num_cpus: float, env: Sequence[str]) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.env = list(env)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        import ray
+
+        from mnist_pipeline.tracking import tracking_uri
+
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        # The store this process resolved (and put the sweep's parent run in), so that the
+        # children land beside their parent whatever the workers' environment says.
+        env = {name: os.environ[name] for name in self.env if name in os.environ}
+        env["MLFLOW_TRACKING_URI"] = tracking_uri()
+        log.info("Ray cluster %s: launching %d jobs", self.address, len(job_overrides))
+        connect(self.address, env)
+        try:
+            hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
+            problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
+            if problem:
+                raise SystemExit(f"error: {problem}")
+            job = ray.remote(_run_job)
+            refs = []
+            for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+                log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, list(overrides)
+                )
+                with open_dict(sweep_config):
+                    sweep_config.hydra.job.num = idx
+                # No retries: a retried job would log a second run under the sweep's parent.
+                task = job.options(name=f"sweep-job-{idx}", num_cpus=self.num_cpus, max_retries=0)
+                refs.append(
+                    task.remote(
+                        self.hydra_context, sweep_config, self.task_function, Singleton.get_state()
+                    )
+                )
+            return ray.get(refs)
+        finally:
+            ray.shutdown()
+
+
+def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
+    """Connect to the cluster, its jobs getting ``env``; fail in seconds, with what to do, when
+    there is none (``ray.init`` retries an address that does not answer for minutes)."""
+    import ray
+
+    try:
+        if ":" in address and "://" not in address:
+            host, _, port = address.rpartition(":")
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        ray.init(address=address, runtime_env={"env_vars": env})
+    except (OSError, ValueError) as exc:  # ConnectionError is an OSError
+        raise SystemExit(
+            f"error: no Ray cluster at address={address} ({exc}); start one with "
+            "`ray start --head` or set hydra.launcher.address=HOST:PORT"
+        ) from None
+
+
+def store_problem(tracking_uri: str, other_hosts: set[str]) -> str | None:
+    """Why jobs on ``other_hosts`` could not log to ``tracking_uri``, or None if they can.
+
+    A SQLite store is a file on this machine: jobs elsewhere would each write their own copy
+    at that path (and SQLite's locking is not safe on network file systems)."""
+    if not tracking_uri.startswith("sqlite:") or not other_hosts:
+        return None
+    return (
+        f"the MLflow store {tracking_uri} is a file on this machine, but the Ray cluster has "
+        f"nodes on {', '.join(sorted(other_hosts))}, whose runs would not reach it: use a "
+        "tracking server (MLFLOW_TRACKING_URI=http://...)"
+    )
+
+
+def _run_job(
+    hydra_context: HydraContext,
+    sweep_config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+) -> JobReturn:
+    """One job, in a Ray worker: in the sweep's working directory, with Hydra's state."""
+    import ray
+
+    cwd = sweep_config.hydra.runtime.cwd
+    if not os.path.isdir(cwd):
+        raise RuntimeError(
+            f"{cwd} does not exist on {socket.gethostname()}: every Ray node needs the project "
+            "at the same path as the machine that starts the sweep (a shared file system)"
+        )
+    os.chdir(cwd)
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = ray.get_runtime_context().get_task_id()
+    HydraConfig.instance().set_config(sweep_config)
+    return run_job(
+        hydra_context=hydra_context,
+        task_function=task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
