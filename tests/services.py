@@ -6,9 +6,11 @@ project's ``mlflow``), live in a temporary folder and are stopped by ``close()``
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -54,6 +56,13 @@ class Postgres:
         self.folder = Path(tempfile.mkdtemp(prefix="pg-"))  # not pytest's tmp: mode 0700
         self.port = free_port()
         self.as_owner: list[str] = []
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres")
             self.as_owner = ["runuser", "-u", "postgres", "--"]
@@ -88,7 +97,9 @@ class Postgres:
 
     def _run(self, tool: str, *args: object) -> None:
         command = [*self.as_owner, str(self.bindir / tool), *map(str, args)]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}")
 
     def dsn(self, database: str | None = None) -> str:
         return (
@@ -97,8 +108,10 @@ class Postgres:
         )
 
     def close(self) -> None:
+        """Stop the server if it runs, and remove its folder."""
         try:
-            self._run("pg_ctl", "-D", self.folder / "data", "-m", "fast", "-w", "stop")
+            if (self.folder / "data" / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", self.folder / "data", "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -110,12 +123,17 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = server_command(backend_store_uri, str(artifacts), port=self.port, workers=1)
+        command = server_command(str(artifacts), port=self.port, workers=1)
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
         with log.open("w") as out:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        self._wait_until_up(timeout_s=120)
+        try:
+            self._wait_until_up(timeout_s=120)
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_until_up(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -127,16 +145,28 @@ class MlflowServer:
                     if response.status == 200:
                         return
             except OSError:
-                time.sleep(0.5)
-        self.close()
+                pass
+            time.sleep(0.5)
         raise RuntimeError(f"mlflow server not up in {timeout_s} s:\n{self.log.read_text()}")
 
     def close(self) -> None:
-        """Stop the server and its workers (one process group)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+        """Stop the server and its uvicorn workers: the whole process group, even when the
+        leader has already exited, with SIGKILL for what outlives SIGTERM by 30 s."""
+        group = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _group_alive(group) and time.monotonic() < deadline:
+            self.process.poll()  # reap the leader
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

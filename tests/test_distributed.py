@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -114,6 +115,27 @@ def test_chief_is_the_chief_task_or_else_worker_0():
     assert chief.is_chief and not worker0.is_chief and chief.workers == 3
 
 
+def wait_for_workers(procs: list[subprocess.Popen], logs: list[Path]) -> list[str]:
+    """Wait for all workers; return their stderr (written to ``logs``). A worker that fails
+    leaves its peers waiting for it forever, so the first failure (or the time limit) stops
+    them all, and the test reports what every worker said."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    stopped = [p for p in procs if p.poll() is None]
+    for proc in stopped:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+    errors = [log.read_text() for log in logs]
+    if stopped:
+        said = "\n".join(f"worker {i}: {err[-2000:]}" for i, err in enumerate(errors))
+        pytest.fail(f"{len(stopped)} worker(s) stopped (failure or {TIMEOUT_S} s):\n{said}")
+    return errors
+
+
 def files_under(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
@@ -144,13 +166,12 @@ def test_two_workers_on_loopback(prepared, tiny_mirror, workdir, tmp_path):
         }
         if index:
             env["TMPDIR"] = str(other_tmp)
-        procs.append(start_stage("train", cwd, env, *overrides(sha, "multi_worker"), *extra))
-    try:
-        errors = [proc.communicate(timeout=TIMEOUT_S)[1] for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"multi-worker training did not finish in {TIMEOUT_S} s")
+        # stderr to a file: a pipe nobody reads while waiting could fill and block a worker.
+        with (tmp_path / f"worker{index}.err").open("w") as err:
+            procs.append(
+                start_stage("train", cwd, env, *overrides(sha, "multi_worker"), *extra, stderr=err)
+            )
+    errors = wait_for_workers(procs, [tmp_path / f"worker{i}.err" for i in range(2)])
     for proc, err in zip(procs, errors, strict=True):
         assert proc.returncode == 0, err
 

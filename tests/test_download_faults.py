@@ -2,7 +2,6 @@
 a public mirror can: each bad mirror is reported by name and reason and the next is used."""
 
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,7 @@ import pytest
 from mnist_pipeline.config import MNIST_FILES
 from mnist_pipeline.download import download
 from mnist_pipeline.errors import DataError
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.services import free_port
 
 
 def use_mirrors(monkeypatch, *urls: str) -> None:
@@ -55,7 +49,7 @@ def test_bad_mirror_falls_back_to_the_next(
 
 
 def test_connection_refused_falls_back(tiny_cfg, https_mirror, monkeypatch, caplog):
-    refused = f"https://127.0.0.1:{closed_port()}/"
+    refused = f"https://127.0.0.1:{free_port()}/"
     use_mirrors(monkeypatch, refused, https_mirror.url("good"))
     with caplog.at_level(logging.WARNING):
         download(tiny_cfg)

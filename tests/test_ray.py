@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -130,3 +131,44 @@ def test_sqlite_store_refused_for_other_machines():
     assert store_problem(uri, set()) is None
     assert store_problem("http://mlflow:5000", {"node-2"}) is None
     assert "node-2" in store_problem(uri, {"node-2"})
+
+
+def test_no_cluster_fails_fast_and_closes_the_parent(sweep):
+    address = f"127.0.0.1:{free_port()}"
+    result, parent, children = sweep(
+        "model.units=16,32", "hydra/launcher=ray_cluster", f"hydra.launcher.address={address}"
+    )
+    assert result.returncode == 1
+    assert f"error: no Ray cluster at address={address}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert parent.info.status == "FAILED"
+    assert "no Ray cluster" in parent.data.tags["error"]
+    assert children == []
+
+
+def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
+    """A job whose worker died reports nothing: the launcher records it, whether or not the
+    job had opened its run, and the sweep ends as for any failed job."""
+    import mlflow
+
+    from mnist_pipeline import sweep, tracking
+
+    parent = tracking.create_parent_run("mnist", "sweep-x", {"sweep_role": "parent"})
+    info = {"parent_run_id": parent, "sweep_id": "x", "experiment": "mnist"}
+    (tmp_path / sweep.SWEEP_FILE).write_text(json.dumps(info))
+    client = mlflow.MlflowClient()
+    opened = client.create_run(
+        client.get_experiment_by_name("mnist").experiment_id,
+        tags={"mlflow.parentRunId": parent, "sweep_id": "x", "sweep_job": "0"},
+    ).info.run_id
+    crash = RuntimeError("worker died: SIGKILL")
+    sweep.record_lost_job(tmp_path, 0, ["model.units=16"], crash)
+    sweep.record_lost_job(tmp_path, 1, ["model.units=32"], crash)
+
+    runs = {r.data.tags["sweep_job"]: r for r in tracking.child_runs(parent)}
+    assert set(runs) == {"0", "1"}
+    assert runs["0"].info.run_id == opened  # its own run, not a second one
+    assert runs["1"].data.params["model.units"] == "32"
+    for run in runs.values():
+        assert run.info.status == "FAILED"
+        assert "worker died" in run.data.tags["error"]

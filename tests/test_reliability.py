@@ -16,6 +16,7 @@ import pytest
 from mnist_pipeline import download, evaluate, preprocess, tracking, train
 from mnist_pipeline.errors import PipelineError
 from tests.conftest import compose_config, sha_overrides, start_stage
+from tests.services import free_port
 
 
 def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):
@@ -93,9 +94,7 @@ def test_sigterm_stops_at_once_and_the_next_run_marks_it_killed(tiny_cfg, tiny_m
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
     result = subprocess.run(

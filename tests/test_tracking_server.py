@@ -6,6 +6,7 @@ checks then go through the server's REST API, as an outside client's would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,9 +14,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mnist_pipeline import tracking_server
+from mnist_pipeline.config import PROJECT_ROOT
 from tests.conftest import sha_overrides
 from tests.services import MlflowServer, Postgres, free_port
 
@@ -30,7 +33,7 @@ def server(tmp_path_factory):
         folder = tmp_path_factory.mktemp("mlflow-server")
         mlflow = MlflowServer(postgres.dsn(), folder / "artifacts", folder / "server.log")
         try:
-            yield mlflow, folder / "artifacts"
+            yield mlflow, folder / "artifacts", postgres.password
         finally:
             mlflow.close()
     finally:
@@ -66,8 +69,16 @@ def run_module(workdir: Path, env: dict, *args: str) -> None:
 
 @pytest.mark.slow
 def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
-    mlflow, artifacts = server
+    mlflow, artifacts, password = server
     folder, sha = tiny_mirror
+    # The database password is in the server's environment, never in its arguments, which
+    # every user of the machine can read.
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == mlflow.process.pid:
+                assert password not in " ".join(process.info["cmdline"] or [])
+    project_store = PROJECT_ROOT / "mlflow.db"
+    store_before = project_store.stat().st_mtime_ns if project_store.exists() else None
     workdir = tmp_path / "work"
     workdir.mkdir()
     # The one setting that changes: the tracking URI. Nothing else points at the server.
@@ -134,8 +145,9 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
         # ... and stored where the server was told to put them.
         assert (artifacts / location / "MLmodel").is_file()
 
-    # Nothing went to a local store beside the work.
-    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
+    # Nothing went to the project's own store or to a file store beside the work.
+    assert (project_store.stat().st_mtime_ns if project_store.exists() else None) == store_before
+    assert not (workdir / "mlruns").exists()
 
 
 def test_server_refuses_an_unreachable_database(capsys):
@@ -146,3 +158,9 @@ def test_server_refuses_an_unreachable_database(capsys):
     err = capsys.readouterr().err
     assert "PostgreSQL store postgresql://mlflow:***@127.0.0.1" in err
     assert "is not usable" in err and "secret" not in err
+
+
+def test_server_refuses_a_driver_that_is_not_installed(capsys):
+    with pytest.raises(SystemExit):
+        tracking_server.main(["--backend-store-uri", "postgresql+psycopg2://u:p@127.0.0.1/db"])
+    assert "postgresql+psycopg2:// needs a driver" in capsys.readouterr().err

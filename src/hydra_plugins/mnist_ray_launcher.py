@@ -27,10 +27,19 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    filter_overrides,
+    run_job,
+    setup_globals,
+)
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
+
+from mnist_pipeline.sweep import abort_sweep, record_lost_job
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +75,9 @@ class RayClusterLauncher(Launcher):
         env = {name: os.environ[name] for name in self.env if name in os.environ}
         env["MLFLOW_TRACKING_URI"] = tracking_uri()
         log.info("Ray cluster %s: launching %d jobs", self.address, len(job_overrides))
-        connect(self.address, env)
+        sweep_dir = self.config.hydra.sweep.dir
         try:
+            connect(self.address, env)
             hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
             problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
             if problem:
@@ -88,9 +98,31 @@ class RayClusterLauncher(Launcher):
                         self.hydra_context, sweep_config, self.task_function, Singleton.get_state()
                     )
                 )
-            return ray.get(refs)
+            return [
+                collect(ref, sweep_dir, idx, list(overrides))
+                for idx, (ref, overrides) in enumerate(
+                    zip(refs, job_overrides, strict=True), start=initial_job_idx
+                )
+            ]
+        except BaseException as exc:  # no cluster, a refused store, Ctrl-C: no parent left open
+            abort_sweep(sweep_dir, exc)
+            raise
         finally:
             ray.shutdown()
+
+
+def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobReturn:
+    """A job's result. A job that died without one (its worker crashed, or the node lacks the
+    project folder) is recorded as a FAILED run and the sweep goes on, as for any failed job,
+    instead of the first such error ending the sweep and losing the others' results."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        log.error("job %d (%s) was lost: %s", idx, " ".join(overrides), exc)
+        record_lost_job(sweep_dir, idx, overrides, exc)
+        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
 
 
 def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
@@ -99,8 +131,10 @@ def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
     import ray
 
     try:
-        if ":" in address and "://" not in address:
-            host, _, port = address.rpartition(":")
+        # "auto" means $RAY_ADDRESS first: a stale one would make ray.init retry for minutes.
+        target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+        if ":" in target and "://" not in target:
+            host, _, port = target.rpartition(":")
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
         ray.init(address=address, runtime_env={"env_vars": env})
     except (OSError, ValueError) as exc:  # ConnectionError is an OSError

@@ -70,7 +70,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_pipeline import compare
 
-        info = json.loads((Path(config.hydra.sweep.dir).resolve() / SWEEP_FILE).read_text())
+        info = read_sweep(config.hydra.sweep.dir)
         children = tracking.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
         try:
@@ -84,7 +84,7 @@ class SweepCallback(Callback):
         except PipelineError as exc:  # no finished job: nothing to compare
             log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
         finally:
-            tracking.end_parent_run(info["parent_run_id"], failed=bool(failed))
+            tracking.terminate_run(info["parent_run_id"], failed=bool(failed))
         log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
         if failed:
             for run in failed:
@@ -95,6 +95,53 @@ class SweepCallback(Callback):
                     file=sys.stderr,
                 )
             raise SystemExit(1)
+
+
+def read_sweep(sweep_dir: str | Path) -> dict[str, str]:
+    """The sweep's MLflow ids, as ``SweepCallback.on_multirun_start`` wrote them."""
+    return json.loads((Path(sweep_dir).resolve() / SWEEP_FILE).read_text())
+
+
+def abort_sweep(sweep_dir: str | Path, error: BaseException) -> None:
+    """Close the parent run as FAILED, with the reason, when the launcher itself fails (no
+    cluster, say): Hydra then skips ``on_multirun_end``, which would otherwise close it."""
+    try:
+        info = read_sweep(sweep_dir)
+    except OSError:
+        return  # the callback never opened a parent
+    tracking.set_run_tags(info["parent_run_id"], {"error": tracking.error_text(error)})
+    tracking.terminate_run(info["parent_run_id"], failed=True)
+
+
+def record_lost_job(
+    sweep_dir: str | Path, job_num: int, overrides: list[str], error: BaseException
+) -> None:
+    """Record a job that died without reporting (a crashed worker process): its run, if it
+    opened one, becomes FAILED with the reason; otherwise a FAILED run stands for it. The
+    sweep then goes on and ``on_multirun_end`` reports it like any failed job."""
+    info = read_sweep(sweep_dir)
+    for run in tracking.child_runs(info["parent_run_id"]):
+        if run.data.tags.get("sweep_job") == str(job_num) and run.info.status == "RUNNING":
+            tracking.set_run_tags(run.info.run_id, {"error": tracking.error_text(error)})
+            tracking.terminate_run(run.info.run_id, failed=True)
+            return
+    with tracking.job_context(info["parent_run_id"], job_tags(info, job_num, overrides)):
+        tracking.fail_job(info["experiment"], error, override_params(overrides))
+
+
+def job_tags(info: dict[str, str], job_num: int, overrides: list[str]) -> dict[str, str]:
+    """The tags that tie a job's run to its sweep."""
+    return {
+        "sweep_id": info["sweep_id"],
+        "sweep_job": str(job_num),
+        "sweep_job_name": f"{info['sweep_id']}-job{job_num}",
+        "sweep_overrides": " ".join(overrides),
+    }
+
+
+def override_params(overrides: list[str]) -> dict[str, str]:
+    """A failed job's overrides as params, so it shows beside the others in comparisons."""
+    return dict(o.split("=", 1) for o in overrides if "=" in o)
 
 
 def job_threads(launcher: DictConfig) -> int | None:
@@ -130,14 +177,9 @@ def run_job(raw: DictConfig) -> dict | None:
     from mnist_pipeline.pipeline import run_pipeline
 
     hydra_cfg = HydraConfig.get()
-    info = json.loads((Path(hydra_cfg.sweep.dir).resolve() / SWEEP_FILE).read_text())
+    info = read_sweep(hydra_cfg.sweep.dir)
     overrides = list(hydra_cfg.overrides.task)
-    tags = {
-        "sweep_id": info["sweep_id"],
-        "sweep_job": str(hydra_cfg.job.num),
-        "sweep_job_name": f"{info['sweep_id']}-job{hydra_cfg.job.num}",
-        "sweep_overrides": " ".join(overrides),
-    }
+    tags = job_tags(info, hydra_cfg.job.num, overrides)
     limit_threads(job_threads(hydra_cfg.launcher))
     with tracking.job_context(info["parent_run_id"], tags):
         try:
@@ -147,6 +189,5 @@ def run_job(raw: DictConfig) -> dict | None:
             # Expected failures get one line; a bug keeps its traceback in the job's log.
             report = log.error if isinstance(exc, PipelineError) else log.exception
             report("job %s (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), exc)
-            params = dict(o.split("=", 1) for o in overrides if "=" in o)
-            tracking.fail_job(info["experiment"], exc, params)
+            tracking.fail_job(info["experiment"], exc, override_params(overrides))
             return None

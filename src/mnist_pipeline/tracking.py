@@ -314,9 +314,10 @@ def child_runs(parent_run_id: str) -> list[Any]:
     )
 
 
-def end_parent_run(parent_run_id: str, failed: bool) -> None:
+def terminate_run(run_id: str, failed: bool) -> None:
+    """End a run this process did not open (a sweep's parent, a lost job's run)."""
     status = "FAILED" if failed else "FINISHED"
-    _mlflow().MlflowClient().set_terminated(parent_run_id, status=status)
+    _mlflow().MlflowClient().set_terminated(run_id, status=status)
 
 
 def log_artifact_to(run_id: str, path: str | Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,9 +42,14 @@ def check_backend(uri: str, timeout_s: int = 5) -> None:
     scheme = urlsplit(uri).scheme
     if not scheme.startswith("postgresql"):
         return  # MySQL, SQLite, ...: mlflow server reports its own errors
+    if scheme not in ("postgresql", "postgresql+psycopg"):
+        raise ConfigError(
+            f"{scheme}:// needs a driver this project does not install; use postgresql:// "
+            "(SQLAlchemy drives it with psycopg 3)"
+        )
     import psycopg
 
-    # SQLAlchemy may name a driver (postgresql+psycopg://); libpq does not know that form.
+    # libpq does not know SQLAlchemy's driver suffix (postgresql+psycopg://).
     dsn = "postgresql" + uri[len(scheme) :]
     try:
         psycopg.connect(dsn, connect_timeout=timeout_s).close()
@@ -66,20 +72,18 @@ def artifacts_location(destination: str) -> str:
 
 
 def server_command(
-    backend_store_uri: str,
-    artifacts_destination: str,
-    host: str = "127.0.0.1",
-    port: int = 5000,
-    workers: int = 2,
+    artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 2
 ) -> list[str]:
-    """``mlflow server`` with a database backend and proxied artifacts (``--serve-artifacts``:
-    clients upload and download through the server and need no storage credentials)."""
+    """``mlflow server`` with proxied artifacts (``--serve-artifacts``: clients upload and
+    download through the server and need no storage credentials).
+
+    The database URI is not an argument: it holds a password, and any user of the machine can
+    read a process's arguments. ``mlflow server`` reads it from ``$MLFLOW_BACKEND_STORE_URI``.
+    """
     mlflow = Path(sys.executable).with_name("mlflow")
     return [
         str(mlflow),
         "server",
-        "--backend-store-uri",
-        backend_store_uri,
         "--serve-artifacts",
         "--artifacts-destination",
         artifacts_destination,
@@ -123,12 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    command = server_command(args.backend_store_uri, artifacts, args.host, args.port, args.workers)
-    command += extra
+    command = server_command(artifacts, args.host, args.port, args.workers) + extra
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = args.backend_store_uri
+    # 0.0.0.0 is where it listens, not an address to connect to.
+    reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     print(
-        f"MLflow tracking server: http://{args.host}:{args.port} "
+        f"MLflow tracking server: http://{reach}:{args.port} "
         f"(runs in {redact(args.backend_store_uri)}, artifacts in {artifacts})\n"
-        f"Point the pipeline at it: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}",
+        f"Point the pipeline at it: export MLFLOW_TRACKING_URI=http://{reach}:{args.port}",
         flush=True,
     )
     os.execv(command[0], command)
