@@ -147,6 +147,18 @@ def https_mirror(tiny_mirror, tmp_path, monkeypatch):
     server.close()
 
 
+def run_pipeline(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -m mnist_pipeline.pipeline args...`` (``-m`` among them for a sweep)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 #: The metrics every finished training run has.
 HEADLINE = ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss")
 
@@ -161,18 +173,7 @@ def sweep(tiny_mirror, tracking_store, workdir):
     env = {**os.environ, "MNIST_MIRROR": str(folder)}
 
     def run(*overrides: str):
-        cmd = [
-            sys.executable,
-            "-m",
-            "mnist_pipeline.pipeline",
-            "-m",
-            *sha_overrides(sha),
-            "train.epochs=1",
-            *overrides,
-        ]
-        result = subprocess.run(
-            cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900
-        )
+        result = run_pipeline(workdir, env, "-m", *sha_overrides(sha), "train.epochs=1", *overrides)
         parents = mlflow.search_runs(
             search_all_experiments=True,
             output_format="list",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mnist_pipeline import evaluate, train
-from mnist_pipeline.config import cluster_task
+from mnist_pipeline.distribute import cluster_task
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.model import load_model
 from tests.conftest import compose_config, sha_overrides, start_stage

@@ -9,17 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 from mnist_pipeline import tracking_server
 from mnist_pipeline.config import PROJECT_ROOT
-from tests.conftest import sha_overrides
+from tests.conftest import run_pipeline, sha_overrides
 from tests.services import MlflowServer, Postgres, free_port
 
 EPOCHS = 2
@@ -55,18 +52,6 @@ def fetch(url: str, path: str) -> bytes:
         return response.read()
 
 
-def run_module(workdir: Path, env: dict, *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.pipeline", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
     mlflow, artifacts, password = server
@@ -84,8 +69,9 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
     # The one setting that changes: the tracking URI. Nothing else points at the server.
     env = {**os.environ, "MNIST_MIRROR": str(folder), "MLFLOW_TRACKING_URI": mlflow.url}
     base = [*sha_overrides(sha), f"train.epochs={EPOCHS}"]
-    run_module(workdir, env, *base, "hydra.run.dir=single")
-    run_module(workdir, env, "-m", *base, "model.units=16,32")
+    for args in ([*base, "hydra.run.dir=single"], ["-m", *base, "model.units=16,32"]):
+        result = run_pipeline(workdir, env, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     experiment = api(mlflow.url, "mlflow/experiments/get-by-name?experiment_name=mnist")
     experiment_id = experiment["experiment"]["experiment_id"]

@@ -10,7 +10,6 @@ composes ``conf/`` in its own process, where this package's ConfigStore entries 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -145,63 +144,6 @@ class TrainConfig:
             f"must be one of {', '.join(STRATEGIES)}",
             self.strategy,
         )
-
-
-@dataclass(frozen=True)
-class ClusterTask:
-    """This process's place in a multi-worker cluster, as TF_CONFIG describes it."""
-
-    task_type: str
-    task_index: int
-    #: Training processes in the cluster (the chief, if named, and the workers).
-    workers: int
-    #: The one process that writes outputs and logs to MLflow: the ``chief`` task if the
-    #: cluster names one, else worker 0 (TensorFlow's own rule).
-    is_chief: bool
-
-
-def cluster_task(tf_config: str | None) -> ClusterTask:
-    """Parse and check ``TF_CONFIG`` for ``train.strategy=multi_worker``.
-
-    Checked here, before TensorFlow sees it: a bad TF_CONFIG otherwise fails deep inside
-    the strategy, or waits for peers that will never come. It is checked by the train stage
-    only, not by ``load_config``: composing params.yaml and the other stages never need it.
-    """
-    where = "train.strategy=multi_worker needs TF_CONFIG"
-    if not tf_config:
-        raise ConfigError(
-            f"{where} (the cluster and this process's task), which is not set; e.g. "
-            'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}\''
-        )
-    try:
-        spec = json.loads(tf_config)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where} to be JSON: {exc}") from None
-    cluster = spec.get("cluster") if isinstance(spec, dict) else None
-    task = spec.get("task") if isinstance(spec, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise ConfigError(f"{where} to have a 'cluster' and a 'task' object, got {tf_config!r}")
-    for job, addresses in cluster.items():
-        if job not in ("chief", "worker"):
-            raise ConfigError(f"{where}: only 'chief' and 'worker' jobs are supported, got {job!r}")
-        if not (
-            isinstance(addresses, list) and addresses and all(":" in str(a) for a in addresses)
-        ):
-            raise ConfigError(
-                f"{where}: cluster.{job} must be a list of host:port, got {addresses!r}"
-            )
-    if not cluster or len(cluster.get("chief", [])) > 1:
-        raise ConfigError(f"{where}: a cluster of workers and at most one chief, got {cluster!r}")
-    task_type, index = task.get("type"), task.get("index")
-    if (
-        task_type not in cluster
-        or not isinstance(index, int)
-        or not 0 <= index < len(cluster[task_type])
-    ):
-        raise ConfigError(f"{where}: task {task!r} is not in the cluster ({', '.join(cluster)})")
-    is_chief = task_type == "chief" or ("chief" not in cluster and index == 0)
-    return ClusterTask(task_type, index, sum(len(a) for a in cluster.values()), is_chief)
 
 
 @dataclass

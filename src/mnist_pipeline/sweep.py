@@ -109,8 +109,7 @@ def abort_sweep(sweep_dir: str | Path, error: BaseException) -> None:
         info = read_sweep(sweep_dir)
     except OSError:
         return  # the callback never opened a parent
-    tracking.set_run_tags(info["parent_run_id"], {"error": tracking.error_text(error)})
-    tracking.terminate_run(info["parent_run_id"], failed=True)
+    tracking.fail_run(info["parent_run_id"], error)
 
 
 def record_lost_job(
@@ -122,8 +121,7 @@ def record_lost_job(
     info = read_sweep(sweep_dir)
     for run in tracking.child_runs(info["parent_run_id"]):
         if run.data.tags.get("sweep_job") == str(job_num) and run.info.status == "RUNNING":
-            tracking.set_run_tags(run.info.run_id, {"error": tracking.error_text(error)})
-            tracking.terminate_run(run.info.run_id, failed=True)
+            tracking.fail_run(run.info.run_id, error)
             return
     with tracking.job_context(info["parent_run_id"], job_tags(info, job_num, overrides)):
         tracking.fail_job(info["experiment"], error, override_params(overrides))

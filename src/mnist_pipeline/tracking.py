@@ -270,11 +270,10 @@ def fail_job(experiment_name: str, error: BaseException, params: dict) -> str:
     """Record a sweep job's failure on its run: the run it opened (whose training may have
     finished before evaluation failed), or a new FAILED run if it never got that far (an
     invalid config, say). Returns the run id."""
-    client = _mlflow().MlflowClient()
     if "run_id" in _job:
-        client.set_tag(_job["run_id"], "error", error_text(error))
-        client.set_terminated(_job["run_id"], status="FAILED")
+        fail_run(_job["run_id"], error)
         return _job["run_id"]
+    client = _mlflow().MlflowClient()
     run = client.create_run(
         ensure_experiment(experiment_name),
         run_name=_job.get("tags", {}).get("sweep_job_name"),
@@ -314,8 +313,15 @@ def child_runs(parent_run_id: str) -> list[Any]:
     )
 
 
+def fail_run(run_id: str, error: BaseException) -> None:
+    """End a run FAILED, with the error in its ``error`` tag."""
+    client = _mlflow().MlflowClient()
+    client.set_tag(run_id, "error", error_text(error))
+    client.set_terminated(run_id, status="FAILED")
+
+
 def terminate_run(run_id: str, failed: bool) -> None:
-    """End a run this process did not open (a sweep's parent, a lost job's run)."""
+    """End a run this process did not open: a sweep's parent, when its jobs are done."""
     status = "FAILED" if failed else "FINISHED"
     _mlflow().MlflowClient().set_terminated(run_id, status=status)
 
