@@ -30,9 +30,10 @@ from pathlib import Path
 
 import psutil
 
-from mnist_pipeline.workspace import copy_project
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/run.py`: the project copy is the tests' helper
+from tests.helpers.workspace import copy_project  # noqa: E402
+
 OUTPUTS = ["data", "models", "reports", "dvc.lock", ".dvc/cache", ".dvc/tmp"]
 
 # Training arithmetic per sample per epoch for Dense(784->512) -> Dense(512->10):

@@ -6,10 +6,11 @@ import sys
 import pytest
 import yaml
 
-from mnist_pipeline.config import CONF_DIR, PROJECT_ROOT, flatten
+from mnist_pipeline.config import flatten
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.params import compose_params
-from tests.conftest import compose_config
+from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
+from tests.helpers.config import compose_config
 
 
 def test_params_yaml_is_composed_conf(tmp_path):
@@ -63,6 +64,9 @@ def test_flatten_gives_dotted_keys():
         (["model.activation=swishy"], "model.activation must be one of"),
         (["data.sha256.train_images=abc"], "data.sha256.train_images must be 64"),
         (["train.early_stopping_patience=2"], "needs a validation set"),
+        (["train.strategy=ring"], "train.strategy must be one of single, mirrored, multi_worker"),
+        (["optimizer=adam", "+optimizer.momentum=0.9"], "momentum applies only to sgd, not adam"),
+        (["optimizer=sgd", "optimizer.momentum=1.5"], r"optimizer.momentum must be in \[0, 1\)"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):
@@ -101,3 +105,20 @@ def test_overfit_and_regularized_differ_where_it_matters():
     assert overfit.train.epochs >= 20 and overfit.model.dropout == 0
     assert regularized.model.dropout > 0 and regularized.model.l2 > 0
     assert regularized.data.val_split > 0 and regularized.train.early_stopping_patience > 0
+
+
+def test_momentum_only_where_it_applies():
+    """params.yaml (rmsprop) has no momentum; sgd's group brings its own."""
+    assert "optimizer.momentum" not in flatten(compose_config())
+    assert compose_config(["optimizer=sgd"]).optimizer.momentum == 0.9
+
+
+def test_every_registered_optimizer_builds_with_its_settings():
+    from mnist_pipeline.config import OPTIMIZERS
+    from mnist_pipeline.model import build_optimizer
+
+    for name, spec in OPTIMIZERS.items():
+        optimizer = build_optimizer(compose_config([f"optimizer={name}"]).optimizer)
+        assert type(optimizer).__name__ == spec.keras_class
+    sgd = build_optimizer(compose_config(["optimizer=sgd", "optimizer.momentum=0.5"]).optimizer)
+    assert float(sgd.momentum) == 0.5

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from mnist_pipeline import evaluate, train
+from mnist_pipeline.artifacts import load_model
 from mnist_pipeline.distribute import cluster_task
 from mnist_pipeline.errors import ConfigError
-from mnist_pipeline.model import load_model
-from tests.conftest import compose_config, sha_overrides, start_stage
-from tests.services import free_port
+from tests.helpers.config import compose_config, sha_overrides
+from tests.helpers.processes import start_stage
+from tests.helpers.services import free_port
 
 #: Against ``single`` (plain Keras) the distributed paths shuffle with their own tf.data
 #: pipeline, so each epoch sees other batches. On this data, 3 epochs, seeds 42 and 1-4 gave
@@ -50,7 +51,7 @@ def overrides(sha: dict[str, str], strategy: str) -> list[str]:
 
 def train_in_process(sha: dict[str, str], strategy: str) -> tuple[dict, list[np.ndarray]]:
     metrics = train.train(compose_config(overrides(sha, strategy)))
-    return metrics, load_model(Path("models/model.keras")).get_weights()
+    return metrics, load_model("models").get_weights()
 
 
 def test_mirrored_trains_like_single(prepared, tiny_mirror):
@@ -197,7 +198,7 @@ def test_two_workers_on_loopback(prepared, tiny_mirror, workdir, tmp_path):
     assert "test_accuracy" in mlflow.get_run(run.info.run_id).data.metrics
 
     two_workers = run_ref["train_metrics"]
-    two_worker_weights = load_model(workdir / "models/model.keras").get_weights()
+    two_worker_weights = load_model(workdir / "models").get_weights()
     mirrored, mirrored_weights = train_in_process(sha, "mirrored")
     single, _ = train_in_process(sha, "single")
     print(

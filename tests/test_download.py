@@ -7,7 +7,7 @@ import shutil
 import mlflow
 import pytest
 
-from mnist_pipeline.config import MNIST_FILES
+from mnist_pipeline.artifacts import MNIST_FILES
 from mnist_pipeline.download import Mirror, download, mirrors
 from mnist_pipeline.errors import ConfigError, DataError
 

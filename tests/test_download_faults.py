@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.config import MNIST_FILES
+from mnist_pipeline.artifacts import MNIST_FILES
 from mnist_pipeline.download import download
 from mnist_pipeline.errors import DataError
-from tests.services import free_port
+from tests.helpers.services import free_port
 
 
 def use_mirrors(monkeypatch, *urls: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.params import compose_params
-from mnist_pipeline.workspace import copy_project, git_commit
+from tests.helpers.workspace import copy_project, git_commit
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_pipeline.config import MNIST_FILES
+from mnist_pipeline.artifacts import MNIST_FILES
 from mnist_pipeline.download import content_sha256
-from tests.conftest import make_mirror, sha_overrides, start_stage
+from tests.helpers.config import sha_overrides
+from tests.helpers.data import make_mirror
+from tests.helpers.processes import start_stage
 
 pytestmark = pytest.mark.slow
 

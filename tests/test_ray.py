@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -17,8 +16,8 @@ import psutil
 import pytest
 
 from hydra_plugins.mnist_ray_launcher import store_problem
-from tests.conftest import HEADLINE
-from tests.services import free_port
+from tests.helpers.processes import HEADLINE
+from tests.helpers.services import free_port, require_extra
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +57,7 @@ def ray_cluster(tmp_path) -> Iterator[Cluster]:
     It starts in another folder than the sweep's, and with a decoy MLflow store in its
     environment, so a launcher that neither moves jobs to the sweep's folder nor hands them
     the sweep's store fails here as it would on a real cluster."""
+    require_extra("ray", "cluster")
     # Short: Ray's Unix sockets live under it, and their paths may not exceed 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MNIST_"))}
@@ -134,6 +134,7 @@ def test_sqlite_store_refused_for_other_machines():
 
 
 def test_no_cluster_fails_fast_and_closes_the_parent(sweep):
+    require_extra("ray", "cluster")
     address = f"127.0.0.1:{free_port()}"
     result, parent, children = sweep(
         "model.units=16,32", "hydra/launcher=ray_cluster", f"hydra.launcher.address={address}"
@@ -151,24 +152,31 @@ def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
     job had opened its run, and the sweep ends as for any failed job."""
     import mlflow
 
-    from mnist_pipeline import sweep, tracking
+    from mnist_pipeline import sweep_runs
 
-    parent = tracking.create_parent_run("mnist", "sweep-x", {"sweep_role": "parent"})
-    info = {"parent_run_id": parent, "sweep_id": "x", "experiment": "mnist"}
-    (tmp_path / sweep.SWEEP_FILE).write_text(json.dumps(info))
+    parent = sweep_runs.open_parent(tmp_path, "mnist", "x", "model.units=16,32")
     client = mlflow.MlflowClient()
     opened = client.create_run(
         client.get_experiment_by_name("mnist").experiment_id,
         tags={"mlflow.parentRunId": parent, "sweep_id": "x", "sweep_job": "0"},
     ).info.run_id
     crash = RuntimeError("worker died: SIGKILL")
-    sweep.record_lost_job(tmp_path, 0, ["model.units=16"], crash)
-    sweep.record_lost_job(tmp_path, 1, ["model.units=32"], crash)
+    sweep_runs.record_lost_job(tmp_path, 0, ["model.units=16"], crash)
+    sweep_runs.record_lost_job(tmp_path, 1, ["model.units=32"], crash)
 
-    runs = {r.data.tags["sweep_job"]: r for r in tracking.child_runs(parent)}
+    runs = {r.data.tags["sweep_job"]: r for r in sweep_runs.child_runs(parent)}
     assert set(runs) == {"0", "1"}
     assert runs["0"].info.run_id == opened  # its own run, not a second one
     assert runs["1"].data.params["model.units"] == "32"
     for run in runs.values():
         assert run.info.status == "FAILED"
         assert "worker died" in run.data.tags["error"]
+
+
+def test_without_the_extra_the_launcher_says_what_to_install(monkeypatch):
+    from hydra_plugins.mnist_ray_launcher import require_ray
+    from mnist_pipeline.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match="optional `cluster` extra"):
+        require_ray()

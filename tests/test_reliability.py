@@ -15,8 +15,9 @@ import pytest
 
 from mnist_pipeline import download, evaluate, preprocess, tracking, train
 from mnist_pipeline.errors import PipelineError
-from tests.conftest import compose_config, sha_overrides, start_stage
-from tests.services import free_port
+from tests.helpers.config import compose_config, sha_overrides
+from tests.helpers.processes import start_stage
+from tests.helpers.services import free_port
 
 
 def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):
@@ -81,6 +82,8 @@ def test_sigterm_stops_at_once_and_the_next_run_marks_it_killed(tiny_cfg, tiny_m
             output_format="list",
             filter_string="tags.stage = 'train' and attributes.status = 'RUNNING'",
         )
+    if not running:
+        proc.kill()  # a training of 100000 epochs: reading its stderr would wait for it forever
     assert running, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -115,7 +118,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 WRITER = """
 import sys
 from mnist_pipeline import tracking
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 cfg = compose_config()
 with tracking.start_run(cfg, "writer", params={"writer": sys.argv[1]}):
     for step in range(5):

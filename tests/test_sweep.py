@@ -3,7 +3,7 @@
 import mlflow
 import pytest
 
-from tests.conftest import HEADLINE
+from tests.helpers.processes import HEADLINE
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline import tracking
-from mnist_pipeline.config import PROJECT_ROOT
 from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.project import PROJECT_ROOT, project_root
 
 
 def test_default_store_is_absolute_and_in_the_project(monkeypatch):
@@ -18,8 +18,8 @@ def test_default_store_is_absolute_and_in_the_project(monkeypatch):
 
 def test_queued_experiment_copy_maps_to_the_project():
     copy = Path("/home/me/mnist/.dvc/tmp/exps/tmpa1b2c3")
-    assert tracking.project_root(copy) == Path("/home/me/mnist")
-    assert tracking.project_root(Path("/home/me/mnist")) == Path("/home/me/mnist")
+    assert project_root(copy) == Path("/home/me/mnist")
+    assert project_root(Path("/home/me/mnist")) == Path("/home/me/mnist")
 
 
 @pytest.mark.parametrize(

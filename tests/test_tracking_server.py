@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import urllib.request
 
 import psutil
 import pytest
 
 from mnist_pipeline import tracking_server
-from mnist_pipeline.config import PROJECT_ROOT
-from tests.conftest import run_pipeline, sha_overrides
-from tests.services import MlflowServer, Postgres, free_port
+from mnist_pipeline.project import PROJECT_ROOT
+from tests.helpers.config import sha_overrides
+from tests.helpers.processes import run_pipeline
+from tests.helpers.services import MlflowServer, Postgres, free_port, require_extra
 
 EPOCHS = 2
 
@@ -25,6 +27,7 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """PostgreSQL and an MLflow server on it, for this module; both stopped at the end."""
+    require_extra("psycopg", "server")
     postgres = Postgres()
     try:
         folder = tmp_path_factory.mktemp("mlflow-server")
@@ -137,6 +140,7 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
 
 
 def test_server_refuses_an_unreachable_database(capsys):
+    require_extra("psycopg", "server")
     uri = f"postgresql://mlflow:secret@127.0.0.1:{free_port()}/mlflow"
     with pytest.raises(SystemExit) as exit_info:
         tracking_server.main(["--backend-store-uri", uri])
@@ -150,3 +154,11 @@ def test_server_refuses_a_driver_that_is_not_installed(capsys):
     with pytest.raises(SystemExit):
         tracking_server.main(["--backend-store-uri", "postgresql+psycopg2://u:p@127.0.0.1/db"])
     assert "postgresql+psycopg2:// needs a driver" in capsys.readouterr().err
+
+
+def test_server_without_the_extra_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main(["--backend-store-uri", "postgresql://u:p@127.0.0.1/db"])
+    assert exit_info.value.code == 1
+    assert "the project's optional `server` extra: make server" in capsys.readouterr().err

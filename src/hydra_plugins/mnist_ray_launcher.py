@@ -39,7 +39,9 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from mnist_pipeline.sweep import abort_sweep, record_lost_job
+from mnist_pipeline.errors import ConfigError, exit_on_error
+from mnist_pipeline.sweep_runs import abort_sweep, record_lost_job
+from mnist_pipeline.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ class RayClusterLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        import ray
-
-        from mnist_pipeline.tracking import tracking_uri
-
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -76,39 +74,64 @@ class RayClusterLauncher(Launcher):
         env["MLFLOW_TRACKING_URI"] = tracking_uri()
         log.info("Ray cluster %s: launching %d jobs", self.address, len(job_overrides))
         sweep_dir = self.config.hydra.sweep.dir
-        try:
-            connect(self.address, env)
-            hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
-            problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
-            if problem:
-                raise SystemExit(f"error: {problem}")
-            job = ray.remote(_run_job)
-            refs = []
-            for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-                log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(
-                    self.config, list(overrides)
+        with exit_on_error():
+            ray = None
+            try:
+                ray = require_ray()
+                return self._launch(job_overrides, initial_job_idx, env)
+            except BaseException as exc:  # no cluster, a refused store, Ctrl-C: no parent left open
+                abort_sweep(sweep_dir, exc)
+                raise
+            finally:
+                if ray is not None:
+                    ray.shutdown()
+
+    def _launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, env: dict[str, str]
+    ) -> list[JobReturn]:
+        import ray
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = self.config.hydra.sweep.dir
+        connect(self.address, env)
+        hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
+        problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
+        if problem:
+            raise ConfigError(problem)
+        job = ray.remote(_run_job)
+        refs = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.num = idx
+            # No retries: a retried job would log a second run under the sweep's parent.
+            task = job.options(name=f"sweep-job-{idx}", num_cpus=self.num_cpus, max_retries=0)
+            refs.append(
+                task.remote(
+                    self.hydra_context, sweep_config, self.task_function, Singleton.get_state()
                 )
-                with open_dict(sweep_config):
-                    sweep_config.hydra.job.num = idx
-                # No retries: a retried job would log a second run under the sweep's parent.
-                task = job.options(name=f"sweep-job-{idx}", num_cpus=self.num_cpus, max_retries=0)
-                refs.append(
-                    task.remote(
-                        self.hydra_context, sweep_config, self.task_function, Singleton.get_state()
-                    )
-                )
-            return [
-                collect(ref, sweep_dir, idx, list(overrides))
-                for idx, (ref, overrides) in enumerate(
-                    zip(refs, job_overrides, strict=True), start=initial_job_idx
-                )
-            ]
-        except BaseException as exc:  # no cluster, a refused store, Ctrl-C: no parent left open
-            abort_sweep(sweep_dir, exc)
-            raise
-        finally:
-            ray.shutdown()
+            )
+        return [
+            collect(ref, sweep_dir, idx, list(overrides))
+            for idx, (ref, overrides) in enumerate(
+                zip(refs, job_overrides, strict=True), start=initial_job_idx
+            )
+        ]
+
+
+def require_ray() -> Any:
+    """Ray, or what to install: it is the optional ``cluster`` extra."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "hydra/launcher=ray_cluster needs Ray, the project's optional `cluster` extra: "
+            "uv sync --inexact --extra cluster (make test installs it)"
+        ) from None
+    return ray
 
 
 def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobReturn:
@@ -138,8 +161,8 @@ def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
         ray.init(address=address, runtime_env={"env_vars": env})
     except (OSError, ValueError) as exc:  # ConnectionError is an OSError
-        raise SystemExit(
-            f"error: no Ray cluster at address={address} ({exc}); start one with "
+        raise ConfigError(
+            f"no Ray cluster at address={address} ({exc}); start one with "
             "`ray start --head` or set hydra.launcher.address=HOST:PORT"
         ) from None
 

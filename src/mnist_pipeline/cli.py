@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,27 +11,22 @@ from omegaconf import DictConfig
 
 from mnist_pipeline import tracking
 from mnist_pipeline.config import PipelineConfig, load_config
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import exit_on_error
 
 
 def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     """Validate ``cfg`` and run ``stage`` on it.
 
-    Expected failures (PipelineError) print one line to stderr and exit with status 1
-    (``MNIST_PIPELINE_DEBUG=1`` shows the traceback); anything else is a bug and keeps its
-    traceback. An unreachable tracking server is found here, before any work starts.
+    Expected failures print one line to stderr and exit with status 1 (``exit_on_error``);
+    anything else is a bug and keeps its traceback. An unreachable tracking server is found
+    here, before any work starts.
     """
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    try:
+    with exit_on_error():
         config = load_config(cfg)
         tracking.check_store(tracking.tracking_uri())
         return stage(config)
-    except PipelineError as exc:
-        if os.environ.get("MNIST_PIPELINE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from mnist_pipeline import tracking
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline import files, sweep_runs, tracking
+from mnist_pipeline.errors import PipelineError, exit_on_error
 
 HEADLINE = ["fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"]
 
@@ -28,22 +28,13 @@ def select_runs(
 ) -> list[Any]:
     """Finished training runs: of one sweep (by default the latest), or of an experiment
     matching an MLflow filter string."""
-    mlflow = tracking._mlflow()
+    mlflow = tracking.configured_mlflow()
     if experiment is None and not filter_string:
-        if sweep_id is None:
-            parents = mlflow.search_runs(
-                search_all_experiments=True,
-                filter_string="tags.sweep_role = 'parent'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-                output_format="list",
-            )
-            if not parents:
-                raise PipelineError("no sweep found in the store; run one or pass --experiment")
-            sweep_id = parents[0].data.tags["sweep_parent"]
-        filter_string = f"tags.sweep_id = '{sweep_id}'"
+        filter_string = sweep_runs.jobs_filter(sweep_id or sweep_runs.latest_sweep_id())
     elif sweep_id is not None:
-        filter_string = " and ".join(filter(None, [filter_string, f"tags.sweep_id = '{sweep_id}'"]))
+        filter_string = " and ".join(
+            filter(None, [filter_string, sweep_runs.jobs_filter(sweep_id)])
+        )
     clauses = ["tags.stage = 'train'", "attributes.status = 'FINISHED'", filter_string]
     kwargs: dict[str, Any] = {"search_all_experiments": True}
     if experiment is not None:
@@ -113,8 +104,6 @@ def to_markdown(table: pd.DataFrame) -> str:
 def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     """Left: train and test accuracy per run (against the swept param when there is just
     one). Right: the per-epoch training accuracy of every run, overlaid."""
-    from mnist_pipeline import files
-
     params = [c for c in table.columns if c not in {"run", "run_id", "duration_s", *HEADLINE}]
     fig, (left, right) = files.pyplot().subplots(1, 2, figsize=(12, 4.5), dpi=100)
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
@@ -134,7 +123,7 @@ def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     left.set_title("Train vs test accuracy (the gap)")
     left.legend()
 
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.client()
     by_id = {r.info.run_id: r for r in runs}
     for _, row in table.iterrows():
         history = client.get_metric_history(row["run_id"], "accuracy")
@@ -162,8 +151,6 @@ def write_outputs(
     png: Path | None = None,
 ) -> list[Path]:
     """Write whichever of the Markdown table, CSV table and picture are asked for."""
-    from mnist_pipeline import files
-
     if markdown:
         files.write_bytes(markdown, (to_markdown(table) + "\n").encode())
     if csv:
@@ -188,18 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--plot", type=Path, help="write the gap picture (PNG) here")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(expected=(PipelineError, OSError)):
         runs = select_runs(args.sweep_id, args.experiment, args.filter)
         table = runs_table(runs, args.sort, args.ascending)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(to_text(table))
-    try:
+        print(to_text(table))
         write_outputs(table, runs, args.markdown, args.csv, args.plot)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -11,34 +11,32 @@ composes ``conf/`` in its own process, where this package's ConfigStore entries 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mnist_pipeline.distribute import STRATEGIES
 from mnist_pipeline.errors import ConfigError
 
-#: The repository root (src layout: src/mnist_pipeline/config.py -> root).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = str(PROJECT_ROOT / "conf")
 
-#: The four files every MNIST mirror serves, by the logical names the config uses.
-MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
+class Optimizer(NamedTuple):
+    """An ``optimizer.name``: the Keras class it builds and the settings it takes."""
+
+    keras_class: str
+    #: ``OptimizerConfig`` fields besides ``learning_rate`` that this optimizer uses.
+    settings: tuple[str, ...] = ()
+
+
+#: The one registry of optimizers: the schema checks names and settings against it and
+#: ``model.build_optimizer`` builds from it.
+OPTIMIZERS = {
+    "rmsprop": Optimizer("RMSprop"),
+    "adam": Optimizer("Adam"),
+    "sgd": Optimizer("SGD", ("momentum",)),
 }
-
-NUM_CLASSES = 10
-
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu")
-#: ``train.strategy``: one process as always; every local device (tf.distribute.MirroredStrategy);
-#: several processes or machines described by TF_CONFIG (MultiWorkerMirroredStrategy).
-STRATEGIES = ("single", "mirrored", "multi_worker")
 
 
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
@@ -97,7 +95,8 @@ class ModelConfig:
 class OptimizerConfig:
     name: str = MISSING
     learning_rate: float = MISSING
-    momentum: float = MISSING
+    #: Only for optimizers that take it (sgd); absent from the others' config files.
+    momentum: float | None = None
 
     def check(self) -> None:
         _check(
@@ -107,7 +106,17 @@ class OptimizerConfig:
             self.name,
         )
         _check(self.learning_rate > 0, "optimizer.learning_rate", "must be > 0", self.learning_rate)
-        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum)
+        if self.momentum is not None:
+            takers = [n for n, o in OPTIMIZERS.items() if "momentum" in o.settings]
+            _check(
+                self.name in takers,
+                "optimizer.momentum",
+                f"applies only to {', '.join(takers)}, not {self.name}",
+                self.momentum,
+            )
+            _check(
+                0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum
+            )
 
 
 @dataclass
@@ -120,7 +129,7 @@ class TrainConfig:
     early_stopping_patience: int = MISSING
     #: Batches per call into TensorFlow: speed only, results are identical (a test checks).
     steps_per_execution: int = MISSING
-    #: One of STRATEGIES; ``single`` is the plain Keras path, bit for bit as before.
+    #: A name in ``distribute.STRATEGIES``; ``single`` is the plain Keras path.
     strategy: str = MISSING
 
     def check(self) -> None:
@@ -214,7 +223,8 @@ def _check_ranges(node: Any) -> None:
 
 
 def flatten(cfg: PipelineConfig) -> dict[str, Any]:
-    """The config as dotted keys (``model.units``), the form MLflow params and DVC use."""
+    """The config as dotted keys (``model.units``), the form MLflow params and DVC use.
+    Unset optional keys (``optimizer.momentum`` of an optimizer without one) are left out."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     out: dict[str, Any] = {}
 
@@ -222,8 +232,14 @@ def flatten(cfg: PipelineConfig) -> dict[str, Any]:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
-        else:
+        elif node is not None:
             out[prefix[:-1]] = node
 
     walk(container, "")
     return out
+
+
+def select(flat: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of a flattened config at or under ``keys`` (as ``dvc.yaml`` lists params:
+    ``seed``, ``data.val_split``, or a whole group like ``data.sha256``)."""
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}

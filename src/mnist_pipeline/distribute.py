@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from mnist_pipeline.errors import ConfigError
 
@@ -39,7 +40,7 @@ class Distribution:
         return nullcontext() if self.strategy is None else self.strategy.scope()
 
     def steps_per_execution(self, configured: int) -> int:
-        """``train.steps_per_execution``, except 1 for multi_worker: Keras 3.15 runs several
+        """``train.steps_per_execution``, except 1 for multi_worker: Keras 3 runs several
         steps in one ``tf.while_loop`` whose collective ops TensorFlow 2.21 then fails to run
         ("You must feed a value for placeholder tensor ..."). Speed only, as always."""
         return 1 if self.name == "multi_worker" else configured
@@ -102,19 +103,20 @@ def cluster_task(tf_config: str | None) -> ClusterTask:
     return ClusterTask(task_type, index, sum(len(a) for a in cluster.values()), is_chief)
 
 
-def setup(name: str) -> Distribution:
-    """Create the strategy ``train.strategy`` names.
+def _single() -> Distribution:
+    return Distribution("single", None, chief=True, workers=1, replicas=1)
 
-    Call it before any other TensorFlow op: MultiWorkerMirroredStrategy configures collective
-    ops, which TensorFlow refuses once its runtime has started.
-    """
-    if name == "single":
-        return Distribution(name, None, chief=True, workers=1, replicas=1)
+
+def _mirrored() -> Distribution:
     import tensorflow as tf
 
-    if name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-        return Distribution(name, strategy, True, 1, strategy.num_replicas_in_sync)
+    strategy = tf.distribute.MirroredStrategy()
+    return Distribution("mirrored", strategy, True, 1, strategy.num_replicas_in_sync)
+
+
+def _multi_worker() -> Distribution:
+    import tensorflow as tf
+
     task = cluster_task(os.environ.get("TF_CONFIG"))
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -123,8 +125,28 @@ def setup(name: str) -> Distribution:
             f"train.strategy=multi_worker needs a fresh process ({exc}): run the train stage "
             "on its own (python -m mnist_pipeline.train), not after other training in a process"
         ) from None
-    replicas = strategy.num_replicas_in_sync
-    return Distribution(name, strategy, task.is_chief, task.workers, replicas)
+    return Distribution(
+        "multi_worker", strategy, task.is_chief, task.workers, strategy.num_replicas_in_sync
+    )
+
+
+#: ``train.strategy``, the one registry the schema checks against: one process as always;
+#: every local device (MirroredStrategy); several processes or machines described by
+#: TF_CONFIG (MultiWorkerMirroredStrategy).
+STRATEGIES: dict[str, Callable[[], Distribution]] = {
+    "single": _single,
+    "mirrored": _mirrored,
+    "multi_worker": _multi_worker,
+}
+
+
+def setup(name: str) -> Distribution:
+    """Create the strategy ``train.strategy`` names.
+
+    Call it before any other TensorFlow op: MultiWorkerMirroredStrategy configures collective
+    ops, which TensorFlow refuses once its runtime has started.
+    """
+    return STRATEGIES[name]()
 
 
 def batches(
@@ -163,7 +185,7 @@ def local_copy(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Mo
 
 @contextmanager
 def keras_multi_worker_fixes(model: keras.Model, dist: Distribution) -> Iterator[None]:
-    """Work around two Keras 3 bugs (3.15 still has them) that stop ``fit`` under
+    """Work around two Keras 3 bugs that stop ``fit`` under
     MultiWorkerMirroredStrategy, for the duration of one ``fit``:
 
     - keras-team/keras#20585 (open): before training, Keras averages the first (x, y) batch
@@ -178,8 +200,6 @@ def keras_multi_worker_fixes(model: keras.Model, dist: Distribution) -> Iterator
     if dist.name != "multi_worker":
         yield
         return
-    from unittest import mock
-
     import keras.src.backend.tensorflow.trainer as tf_trainer
     from keras import tree
 

@@ -28,9 +28,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from mnist_pipeline import files, tracking
+from mnist_pipeline.artifacts import MNIST_FILES
 from mnist_pipeline.cli import run_stage
-from mnist_pipeline.config import CONF_DIR, MNIST_FILES, PipelineConfig
+from mnist_pipeline.config import PipelineConfig
 from mnist_pipeline.errors import ConfigError, DataError
+from mnist_pipeline.project import CONF_DIR
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import files, tracking
+from mnist_pipeline import artifacts, files, tracking
+from mnist_pipeline.artifacts import NUM_CLASSES
 from mnist_pipeline.cli import run_stage
-from mnist_pipeline.config import CONF_DIR, NUM_CLASSES, PipelineConfig
-from mnist_pipeline.preprocess import load_processed
-from mnist_pipeline.train import MODEL_FILE, RUN_FILE
+from mnist_pipeline.config import PipelineConfig
+from mnist_pipeline.project import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,12 @@ def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 def evaluate(cfg: PipelineConfig) -> dict:
     """Evaluate the saved model on the test set; return the metrics file's content."""
-    from mnist_pipeline.model import load_model
-
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
-    run = files.read_json(models / RUN_FILE, "train")
-    x_test, y_test = load_processed(cfg, "test")
-    model = load_model(models / MODEL_FILE)
+    run = artifacts.read_run_ref(models)
+    x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
+    model = artifacts.load_model(models)
 
-    import keras
+    import keras  # seconds to import: only when evaluating
 
     # Loss the way train_loss is computed (Keras's, L2 penalty included), so the two compare.
     test_loss, _ = model.evaluate(

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline.errors import DataError, PipelineError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -71,8 +73,6 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def require(path: str | Path, produced_by: str) -> Path:
     """An upstream stage's output, or a message that says which stage to run first."""
-    from mnist_pipeline.errors import DataError
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} not found: run the {produced_by} stage first (dvc repro)")
@@ -81,8 +81,6 @@ def require(path: str | Path, produced_by: str) -> Path:
 
 def read_json(path: str | Path, produced_by: str) -> Any:
     """Read a JSON file an upstream stage writes; say which stage to run when it is missing."""
-    from mnist_pipeline.errors import PipelineError
-
     path = require(path, produced_by)
     try:
         return json.loads(path.read_text())

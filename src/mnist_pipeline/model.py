@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import logging
 
 import keras
+import tensorflow as tf
 
-from mnist_pipeline.config import NUM_CLASSES, ModelConfig, OptimizerConfig
+from mnist_pipeline.artifacts import NUM_CLASSES
+from mnist_pipeline.config import OPTIMIZERS, ModelConfig, OptimizerConfig
 
 INPUT_DIM = 28 * 28
 
@@ -40,11 +42,11 @@ def build_model(
 
 
 def build_optimizer(cfg: OptimizerConfig) -> keras.optimizers.Optimizer:
-    if cfg.name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate)
-    if cfg.name == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
-    return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+    """The optimizer ``config.OPTIMIZERS`` registers under ``cfg.name``, with the settings it
+    takes (unset ones keep Keras's defaults)."""
+    spec = OPTIMIZERS[cfg.name]
+    settings = {s: getattr(cfg, s) for s in spec.settings if getattr(cfg, s) is not None}
+    return getattr(keras.optimizers, spec.keras_class)(learning_rate=cfg.learning_rate, **settings)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,27 +54,9 @@ def seed_everything(seed: int) -> None:
 
     With these, the same params and data give the same weights, bit for bit, on one machine.
     """
-    import logging
-
-    import tensorflow as tf
-
     # Several models trained in one process (a sweep) make TensorFlow warn about
     # "retracing"; that is expected here, not a performance bug.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     keras.backend.clear_session()  # a fresh graph/name scope for each training in a process
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """Load a saved model in Keras safe mode (no arbitrary code from the file is run)."""
-    from mnist_pipeline.errors import PipelineError
-    from mnist_pipeline.files import require
-
-    require(path, "train")
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a damaged archive
-        raise PipelineError(
-            f"{path} is not a loadable Keras model ({exc}); re-run the train stage"
-        ) from None

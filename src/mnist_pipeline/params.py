@@ -9,6 +9,7 @@ fails when the two drift apart.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,27 +18,33 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from mnist_pipeline import files
-from mnist_pipeline.config import CONF_DIR, PROJECT_ROOT, load_config
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.config import load_config
+from mnist_pipeline.errors import ConfigError, exit_on_error
+from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
 
 
 def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
     """The YAML text DVC would write: conf/ composed, interpolations resolved."""
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides or [])
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides or [])
+    except HydraException as exc:  # an unknown group or key in the overrides
+        raise ConfigError(str(exc)) from None
     OmegaConf.resolve(cfg)
     load_config(cfg)  # refuse to write a params.yaml that the stages would reject
     return OmegaConf.to_yaml(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_pipeline.params",
+        description="Compose conf/ into params.yaml, exactly as `dvc exp run` does.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
+    args = parser.parse_args(argv).overrides
     target = Path(PROJECT_ROOT) / "params.yaml"
-    try:
+    with exit_on_error(prefix="params.yaml not written: "):
         text = compose_params(args)
-    except (PipelineError, HydraException) as exc:
-        print(f"error: params.yaml not written: {exc}", file=sys.stderr)
-        return 1
     files.write_bytes(target, text.encode())
     print(f"wrote {target}")
     return 0

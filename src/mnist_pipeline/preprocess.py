@@ -8,8 +8,6 @@ metrics file and to MLflow. This module does not import TensorFlow.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -17,15 +15,17 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import files, tracking
+from mnist_pipeline import artifacts, files, tracking
+from mnist_pipeline.artifacts import MNIST_FILES, NUM_CLASSES
 from mnist_pipeline.cli import run_stage
-from mnist_pipeline.config import CONF_DIR, MNIST_FILES, NUM_CLASSES, PipelineConfig
+from mnist_pipeline.config import PipelineConfig, flatten, select
 from mnist_pipeline.errors import DataError
 from mnist_pipeline.idx import read_idx
+from mnist_pipeline.project import CONF_DIR, stage_params
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+STATS_FILE = "data.json"
 
 
 def load_pair(raw: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,16 +94,6 @@ def statistics(images: np.ndarray, labels: dict[str, np.ndarray]) -> dict:
     }
 
 
-def content_hash(arrays: dict[str, np.ndarray]) -> str:
-    """One SHA-256 over every array (name, dtype, shape, bytes): the data's identity."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-        digest.update(a.data)
-    return digest.hexdigest()
-
-
 def preprocess(cfg: PipelineConfig) -> dict:
     """Write the processed arrays and statistics; return the statistics."""
     raw, out = Path(cfg.paths.raw), Path(cfg.paths.processed)
@@ -127,26 +117,11 @@ def preprocess(cfg: PipelineConfig) -> dict:
         "y_test": test_labels,
     }
     stats = statistics(train_images, {"train": y_train, "val": y_val, "test": test_labels})
-    digest = content_hash(arrays)
 
-    # The manifest says what the folder holds; remove it first, so a run that dies half-way
-    # never leaves an old manifest vouching for a mix of old and new arrays.
-    (out / "manifest.json").unlink(missing_ok=True)
-    with tracking.start_run(
-        cfg, "preprocess", params={"data.val_split": cfg.data.val_split, "seed": cfg.seed}
-    ):
-        for name, array in arrays.items():
-            with files.atomic_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-        files.write_json(
-            out / "manifest.json",
-            {
-                "content_sha256": digest,
-                "inputs_key": inputs_key(cfg),
-                "shapes": {k: list(v.shape) for k, v in arrays.items()},
-            },
-        )
-        files.write_json(Path(cfg.paths.reports) / "data.json", stats)
+    params = select(flatten(cfg), stage_params("preprocess"))
+    with tracking.start_run(cfg, "preprocess", params=params):
+        digest = artifacts.write_processed(out, arrays, artifacts.inputs_key(cfg))
+        files.write_json(Path(cfg.paths.reports) / STATS_FILE, stats)
         tracking.set_tags({"data.content_sha256": digest})
         tracking.log_metrics({k: v for k, v in stats.items() if not isinstance(v, dict)})
         tracking.log_dict(stats, "data_stats.json")
@@ -154,79 +129,6 @@ def preprocess(cfg: PipelineConfig) -> dict:
         tracking.log_dataset(arrays["x_test"], test_labels, "mnist-test", digest, context="testing")
     log.info("wrote %s (data hash %s)", out, digest[:12])
     return stats
-
-
-def inputs_key(cfg: PipelineConfig) -> str:
-    """What the processed data is a function of: the raw data's checksums and this stage's
-    params (the same things dvc.yaml lists for it). Equal keys mean equal outputs."""
-    inputs = {"sha256": vars(cfg.data.sha256), "val_split": cfg.data.val_split, "seed": cfg.seed}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-def ensure_processed(cfg: PipelineConfig) -> PipelineConfig:
-    """Processed data for ``cfg``, reused by content the way DVC would, for in-process runs.
-
-    ``paths.processed`` is used when its manifest says it was made from the same inputs;
-    otherwise the data goes to ``data/cache/processed-<key>``. A file lock makes parallel
-    sweep jobs wait for one another instead of writing the same files at once.
-    """
-    import dataclasses
-
-    from filelock import FileLock
-
-    from mnist_pipeline.download import download
-
-    key = inputs_key(cfg)
-    raw = Path(cfg.paths.raw)
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(raw.parent / ".prepare.lock"):
-        for candidate in (
-            Path(cfg.paths.processed),
-            raw.parent / "cache" / f"processed-{key[:16]}",
-        ):
-            if _manifest_key(candidate) == key:
-                break
-        else:
-            download(cfg)
-            # Statistics go beside the cached arrays, not over DVC's reports/data.json.
-            paths = dataclasses.replace(cfg.paths, processed=str(candidate), reports=str(candidate))
-            preprocess(dataclasses.replace(cfg, paths=paths))
-    if str(candidate) == cfg.paths.processed:
-        return cfg
-    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, processed=str(candidate)))
-
-
-def _manifest_key(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text()).get("inputs_key")
-    except (OSError, ValueError):
-        return None
-
-
-def load_processed(
-    cfg: PipelineConfig, split_name: str, mmap: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split written by this stage (memory-mapped), with a clear error if missing."""
-    out = Path(cfg.paths.processed)
-    paths = [files.require(out / f"{v}_{split_name}.npy", "preprocess") for v in "xy"]
-    try:
-        return tuple(np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in paths)
-    except ValueError as exc:
-        raise DataError(f"{out}: corrupt array file ({exc}); re-run the preprocess stage") from None
-
-
-def recompute_hash(cfg: PipelineConfig) -> str:
-    """The content hash of the processed arrays as they are on disk now (not as recorded)."""
-    arrays = {}
-    for split_name in SPLITS:
-        arrays[f"x_{split_name}"], arrays[f"y_{split_name}"] = load_processed(cfg, split_name)
-    return content_hash(arrays)
-
-
-def data_hash(cfg: PipelineConfig) -> str:
-    """The processed data's content hash, as recorded by this stage."""
-    manifest = files.read_json(Path(cfg.paths.processed) / "manifest.json", "preprocess")
-    return manifest["content_sha256"]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -16,14 +16,15 @@ import argparse
 import logging
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline import tracking
+from mnist_pipeline import artifacts, tracking
 from mnist_pipeline.config import load_config
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, exit_on_error
+from mnist_pipeline.provenance import CONFIG_ARTIFACT, DIRTY_CHECK, git, version_warnings
+from mnist_pipeline.runner import ensure_processed, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ def check_code(tags: dict[str, str]) -> None:
     commit = tags.get("git.commit", "unknown")
     if commit == "unknown":
         raise PipelineError("the run recorded no git commit, so its code cannot be recovered")
-    if tracking.git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+    if git("cat-file", "-e", f"{commit}^{{commit}}") is None:
         raise PipelineError(f"commit {commit} is not in this repository (fetch it first)")
-    head = tracking.git("rev-parse", "HEAD")
-    dirty = bool(tracking.git(*tracking.DIRTY_CHECK))
+    head = git("rev-parse", "HEAD")
+    dirty = bool(git(*DIRTY_CHECK))
     if head != commit or dirty:
         state = (
             f"{head[:12] if head else 'no commit'}{' with uncommitted changes' if dirty else ''}"
@@ -61,26 +62,8 @@ def check_code(tags: dict[str, str]) -> None:
         )
 
 
-def version_warnings(tags: dict[str, str]) -> list[str]:
-    warnings = []
-    for key, recorded in sorted(tags.items()):
-        if not key.startswith("version."):
-            continue
-        package = key.removeprefix("version.")
-        try:
-            current = version(package)
-        except PackageNotFoundError:
-            current = "not installed"
-        if current != recorded:
-            warnings.append(f"{package} {recorded} when recorded, {current} now")
-    return warnings
-
-
 def reproduce(run_id: str, output_dir: Path) -> dict:
     """Re-run ``run_id``; return {"identical": bool, "differences": [...], "run_id": new id}."""
-    from mnist_pipeline.pipeline import run_pipeline
-    from mnist_pipeline.preprocess import ensure_processed, recompute_hash
-
     original = tracking.get_run(run_id)
     tags = original.data.tags
     if tags.get("stage") != "train":
@@ -96,8 +79,8 @@ def reproduce(run_id: str, output_dir: Path) -> dict:
     check_code(tags)
     for warning in version_warnings(tags):
         log.warning("version mismatch: %s", warning)
-    cfg = load_config(tracking.load_run_dict(run_id, tracking.CONFIG_ARTIFACT))
-    available = recompute_hash(ensure_processed(cfg))
+    cfg = load_config(tracking.load_run_dict(run_id, CONFIG_ARTIFACT))
+    available = artifacts.recompute_hash(ensure_processed(cfg).paths.processed)
     if available != tags.get("data.content_sha256"):
         raise PipelineError(
             f"the data available now (hash {available[:12]}) is not the data the run used "
@@ -105,11 +88,9 @@ def reproduce(run_id: str, output_dir: Path) -> dict:
             "`dvc checkout` at the run's commit"
         )
 
-    with tracking.job_context(None, {"reproduces": run_id}):
-        result = run_pipeline(cfg, output_dir)
-    import json
-
-    new_run = json.loads((output_dir / "models" / "run.json").read_text())["run_id"]
+    job = tracking.JobContext(tags={"reproduces": run_id})
+    result = run_pipeline(cfg, output_dir, job=job)
+    new_run = artifacts.read_run_ref(output_dir / "models")["run_id"]
     new = tracking.get_run(new_run)
     differences = [
         f"{key}: {original.data.metrics[key]!r} then, {new.data.metrics[key]!r} now"
@@ -141,11 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     output = args.output or Path(tempfile.mkdtemp(prefix=f"reproduce-{args.run_id[:8]}-"))
-    try:
+    with exit_on_error(prefix=f"cannot reproduce {args.run_id}: "):
         report = reproduce(args.run_id, output)
-    except PipelineError as exc:
-        print(f"error: cannot reproduce {args.run_id}: {exc}", file=sys.stderr)
-        return 1
     if report["identical"]:
         print(
             f"identical: run {report['run_id']} reproduces {args.run_id} bit for bit "

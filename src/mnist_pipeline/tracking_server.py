@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mnist_pipeline.config import PROJECT_ROOT
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.errors import ConfigError, exit_on_error
+from mnist_pipeline.project import PROJECT_ROOT
 
 DEFAULT_BACKEND = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts-server"
@@ -47,7 +47,13 @@ def check_backend(uri: str, timeout_s: int = 5) -> None:
             f"{scheme}:// needs a driver this project does not install; use postgresql:// "
             "(SQLAlchemy drives it with psycopg 3)"
         )
-    import psycopg
+    try:
+        import psycopg  # the optional `server` extra
+    except ImportError:
+        raise ConfigError(
+            "a PostgreSQL store needs psycopg, the project's optional `server` extra: "
+            "make server installs it (or uv sync --inexact --extra server)"
+        ) from None
 
     # libpq does not know SQLAlchemy's driver suffix (postgresql+psycopg://).
     dsn = "postgresql" + uri[len(scheme) :]
@@ -121,12 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=int(env("MLFLOW_WORKERS", "2")))
     # Anything else goes to `mlflow server` as is (--allowed-hosts, --gunicorn-opts, ...).
     args, extra = parser.parse_known_args(argv)
-    try:
+    with exit_on_error(expected=(ConfigError, OSError)):
         check_backend(args.backend_store_uri)
         artifacts = artifacts_location(args.artifacts_destination)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
     command = server_command(artifacts, args.host, args.port, args.workers) + extra
     os.environ["MLFLOW_BACKEND_STORE_URI"] = args.backend_store_uri
     # 0.0.0.0 is where it listens, not an address to connect to.

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from mnist_pipeline.config import PROJECT_ROOT
+from mnist_pipeline.project import PROJECT_ROOT
 
 #: What a copy needs to run the pipeline (uncommitted edits included).
 PROJECT_FILES = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import os
 import shutil
 import signal
@@ -17,10 +18,23 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from mnist_pipeline.tracking_server import server_command
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """An optional dependency (a project extra), or a skip; a failure in CI, which installs
+    every extra (``make test``) and sets ``MNIST_REQUIRE_SERVICES``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        message = f"{module} is not installed: the optional `{extra}` extra (make test has it)"
+        if os.environ.get("MNIST_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def free_port() -> int:

@@ -1,0 +1,175 @@
+"""The files that pass between stages: the one contract the four stages share.
+
+The stages never import each other; each reads what an earlier one wrote through this module,
+and ``dvc.yaml`` lists it as a code dependency of every stage that does. It owns:
+
+- the raw MNIST files (``download`` writes, ``preprocess`` reads);
+- the processed arrays, their manifest and content hash (``preprocess`` writes, ``train`` and
+  ``evaluate`` read);
+- the model file and its run reference ``run.json``, the MLflow run that ``evaluate`` adds its
+  metrics to (``train`` writes, ``evaluate`` reads);
+- the training history, the CSV that ``dvc plots`` draws.
+
+This module does not import TensorFlow (the model's loader imports Keras when called).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mnist_pipeline import files
+from mnist_pipeline.config import PipelineConfig, flatten, select
+from mnist_pipeline.errors import DataError, PipelineError
+from mnist_pipeline.project import stage_params
+
+if TYPE_CHECKING:
+    import keras
+
+#: The four files every MNIST mirror serves, by the logical names the config uses.
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+NUM_CLASSES = 10
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.keras"
+RUN_FILE = "run.json"
+HISTORY_FILE = "train_history.csv"
+
+
+# --- processed arrays -------------------------------------------------------------------
+
+
+def content_hash(arrays: dict[str, np.ndarray]) -> str:
+    """One SHA-256 over every array (name, dtype, shape, bytes): the data's identity."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()
+
+
+def inputs_key(cfg: PipelineConfig) -> str:
+    """What the processed data is a function of: the params ``dvc.yaml`` lists for the
+    download and preprocess stages (the raw data's checksums, the split, the seed). Equal
+    keys mean equal outputs."""
+    inputs = select(flatten(cfg), stage_params("download", "preprocess"))
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def write_processed(folder: Path, arrays: dict[str, np.ndarray], key: str) -> str:
+    """Write the arrays (``x_<split>.npy``, ``y_<split>.npy``) and then their manifest;
+    return the content hash.
+
+    The manifest says what the folder holds; it is removed first, so a run that dies half-way
+    never leaves an old manifest vouching for a mix of old and new arrays."""
+    digest = content_hash(arrays)
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    for name, array in arrays.items():
+        with files.atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    files.write_json(
+        folder / MANIFEST_FILE,
+        {
+            "content_sha256": digest,
+            "inputs_key": key,
+            "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        },
+    )
+    return digest
+
+
+def load_processed(
+    folder: str | Path, split_name: str, mmap: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split (memory-mapped), with a clear error if it is missing or damaged."""
+    folder = Path(folder)
+    paths = [files.require(folder / f"{v}_{split_name}.npy", "preprocess") for v in "xy"]
+    try:
+        x, y = (np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in paths)
+    except ValueError as exc:
+        raise DataError(
+            f"{folder}: corrupt array file ({exc}); re-run the preprocess stage"
+        ) from None
+    return x, y
+
+
+def data_hash(folder: str | Path) -> str:
+    """The processed data's content hash, as its manifest records it."""
+    return files.read_json(Path(folder) / MANIFEST_FILE, "preprocess")["content_sha256"]
+
+
+def recompute_hash(folder: str | Path) -> str:
+    """The content hash of the processed arrays as they are on disk now (not as recorded)."""
+    arrays = {}
+    for split_name in SPLITS:
+        arrays[f"x_{split_name}"], arrays[f"y_{split_name}"] = load_processed(folder, split_name)
+    return content_hash(arrays)
+
+
+def manifest_key(folder: Path) -> str | None:
+    """The inputs key a folder's manifest records; None when there is no complete folder."""
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text()).get("inputs_key")
+    except (OSError, ValueError):
+        return None
+
+
+# --- the model and its run reference ----------------------------------------------------
+
+
+def save_model(model: keras.Model, folder: Path) -> None:
+    with files.atomic_path(folder / MODEL_FILE, suffix=".keras") as tmp:
+        model.save(tmp)
+
+
+def load_model(folder: str | Path) -> keras.Model:
+    """Load the saved model in Keras safe mode (no arbitrary code from the file is run)."""
+    import keras
+
+    path = files.require(Path(folder) / MODEL_FILE, "train")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise PipelineError(
+            f"{path} is not a loadable Keras model ({exc}); re-run the train stage"
+        ) from None
+
+
+def write_run_ref(folder: Path, ref: dict[str, Any]) -> None:
+    """``run.json``: the MLflow run (and logged model) the saved model belongs to."""
+    files.write_json(folder / RUN_FILE, ref)
+
+
+def read_run_ref(folder: str | Path) -> dict[str, Any]:
+    return files.read_json(Path(folder) / RUN_FILE, "train")
+
+
+def clear_run_ref(folder: Path) -> None:
+    """No run reference from an earlier training may outlive a failed one: evaluate would
+    add its metrics to the wrong run."""
+    (folder / RUN_FILE).unlink(missing_ok=True)
+
+
+# --- the training history ---------------------------------------------------------------
+
+
+def write_history(folder: Path, history: dict[str, list[float]]) -> None:
+    """Per-epoch curves as CSV, the format DVC plots read."""
+    keys = sorted(history)
+    with files.atomic_path(folder / HISTORY_FILE) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", *keys])
+        for i in range(len(history[keys[0]])):
+            writer.writerow([i + 1, *(f"{history[k][i]:.6f}" for k in keys)])

@@ -1,0 +1,92 @@
+"""What produced a run and what it takes to run it again: git state, software versions, the
+resolved config and the flags that change numerics. ``reproduce`` checks a run against these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import socket
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+
+from mnist_pipeline.project import project_root
+
+#: The run's full resolved config, logged as an artifact of every training run.
+CONFIG_ARTIFACT = "config.json"
+#: Packages whose versions a run records (``version.<name>`` tags).
+PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy")
+
+#: ``git status`` that ignores what DVC rewrites: dvc.lock (between stages) and params.yaml
+#: (for ``dvc exp run -S``); the run records the full config anyway.
+DIRTY_CHECK = (
+    "status",
+    "--porcelain",
+    "--untracked-files=no",
+    "--",
+    ".",
+    ":!dvc.lock",
+    ":!params.yaml",
+)
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def git(*args: str) -> str | None:
+    """``git args`` in the working directory; None when git or the repository is missing."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags that say what produced a run: code version and the software that ran it."""
+    commit = git("rev-parse", "HEAD")
+    status = git(*DIRTY_CHECK)
+    tags = {
+        "git.commit": commit or "unknown",
+        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "python.version": platform.python_version(),
+        "process.host": socket.gethostname(),
+        "process.pid": str(os.getpid()),
+    }
+    for package in PACKAGES:
+        tags[f"version.{package}"] = package_version(package)
+    return tags
+
+
+def numerics_tags(data_sha256: str, intra_op_threads: int) -> dict[str, str]:
+    """The data's content hash, the dependency lock's hash and the flags that change
+    numerics: with the config, what it takes to run a training again."""
+    lock = project_root() / "uv.lock"
+    return {
+        "data.content_sha256": data_sha256,
+        "uv.lock.sha256": hashlib.sha256(lock.read_bytes()).hexdigest()
+        if lock.exists()
+        else "missing",
+        "tf.onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "tf.op_determinism": "true",
+        # A sweep job's share of the cores (0: TensorFlow's default, every core).
+        "tf.intra_op_threads": str(intra_op_threads),
+    }
+
+
+def version_warnings(tags: dict[str, str]) -> list[str]:
+    """The recorded package versions (``version.*`` tags) that differ from today's."""
+    warnings = []
+    for key, recorded in sorted(tags.items()):
+        if not key.startswith("version."):
+            continue
+        package = key.removeprefix("version.")
+        current = package_version(package)
+        if current != recorded:
+            warnings.append(f"{package} {recorded} when recorded, {current} now")
+    return warnings

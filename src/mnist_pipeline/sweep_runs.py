@@ -1,0 +1,157 @@
+"""A sweep's MLflow bookkeeping: its parent run, the child run of each job, and the tags that
+tie them together (the only module that knows those tag names).
+
+The launching process opens the parent and writes its ids to ``mlflow_sweep.json`` in the
+sweep folder; each job (possibly another process or machine) reads them from there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline import tracking
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.provenance import provenance_tags
+
+SWEEP_FILE = "mlflow_sweep.json"
+
+
+def open_parent(sweep_dir: Path, experiment: str, sweep_id: str, overrides: str) -> str:
+    """Open the sweep's parent run, without making it the process's active run (in the basic
+    launcher the jobs run in this same process and open runs of their own); record its ids in
+    the sweep folder. Returns the parent's run id."""
+    run = tracking.client().create_run(
+        tracking.ensure_experiment(experiment),
+        run_name=f"sweep-{sweep_id}",
+        # Not tagged sweep_id: filtering on that tag returns exactly the sweep's jobs.
+        tags={
+            "sweep_parent": sweep_id,
+            "sweep_role": "parent",
+            "sweep_overrides": overrides,
+            **provenance_tags(),
+        },
+    )
+    info = {"parent_run_id": run.info.run_id, "sweep_id": sweep_id, "experiment": experiment}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+    return run.info.run_id
+
+
+def read_sweep(sweep_dir: str | Path) -> dict[str, str]:
+    """The sweep's MLflow ids, as ``open_parent`` wrote them."""
+    return json.loads((Path(sweep_dir).resolve() / SWEEP_FILE).read_text())
+
+
+def job_context(info: dict[str, str], job_num: int, overrides: list[str]) -> tracking.JobContext:
+    """What makes a job's training run a child of the sweep: the parent and the tags."""
+    name = f"{info['sweep_id']}-job{job_num}"
+    tags = {
+        "sweep_id": info["sweep_id"],
+        "sweep_job": str(job_num),
+        "sweep_job_name": name,
+        "sweep_overrides": " ".join(overrides),
+    }
+    return tracking.JobContext(parent_run_id=info["parent_run_id"], tags=tags, run_name=name)
+
+
+def override_params(overrides: list[str]) -> dict[str, str]:
+    """A failed job's overrides as params, so it shows beside the others in comparisons."""
+    return dict(o.split("=", 1) for o in overrides if "=" in o)
+
+
+def child_runs(parent_run_id: str) -> list[Any]:
+    mlflow = tracking.configured_mlflow()
+    parent = mlflow.get_run(parent_run_id)
+    return mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        output_format="list",
+    )
+
+
+def describe_failure(run: Any) -> str:
+    tags = run.data.tags
+    return (
+        f"job {tags.get('sweep_job')} ({tags.get('sweep_overrides')}) failed: "
+        f"{tags.get('error', 'no error recorded')}"
+    )
+
+
+def fail_job(experiment: str, error: BaseException, params: dict, job: tracking.JobContext) -> str:
+    """Record a job's failure on its run: the run it opened (whose training may have finished
+    before evaluation failed), or a new FAILED run if it never got that far (an invalid
+    config, say). Returns the run id."""
+    if job.run_id is not None:
+        tracking.fail_run(job.run_id, error)
+        return job.run_id
+    store = tracking.client()
+    run = store.create_run(
+        tracking.ensure_experiment(experiment),
+        run_name=job.run_name,
+        tags={
+            "stage": "train",
+            "mlflow.parentRunId": job.parent_run_id or "",
+            "error": tracking.error_text(error),
+            **provenance_tags(),
+            **job.tags,
+        },
+    )
+    for key, value in params.items():
+        store.log_param(run.info.run_id, key, str(value)[:6000])
+    store.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
+
+
+def record_lost_job(
+    sweep_dir: str | Path, job_num: int, overrides: list[str], error: BaseException
+) -> None:
+    """Record a job that died without reporting (a crashed worker process): its run, if it
+    opened one, becomes FAILED with the reason; otherwise a FAILED run stands for it. The
+    sweep then goes on and reports it like any failed job."""
+    info = read_sweep(sweep_dir)
+    for run in child_runs(info["parent_run_id"]):
+        if run.data.tags.get("sweep_job") == str(job_num) and run.info.status == "RUNNING":
+            tracking.fail_run(run.info.run_id, error)
+            return
+    job = job_context(info, job_num, overrides)
+    fail_job(info["experiment"], error, override_params(overrides), job)
+
+
+def abort_sweep(sweep_dir: str | Path, error: BaseException) -> None:
+    """Close the parent run as FAILED, with the reason, when the launcher itself fails (no
+    cluster, say): Hydra then skips ``on_multirun_end``, which would otherwise close it."""
+    try:
+        info = read_sweep(sweep_dir)
+    except OSError:
+        return  # the callback never opened a parent
+    tracking.fail_run(info["parent_run_id"], error)
+
+
+def close_parent(parent_run_id: str, failed: bool, artifacts: list[Path]) -> None:
+    """Attach the comparison files to the parent run and end it."""
+    store = tracking.client()
+    try:
+        for path in artifacts:
+            store.log_artifact(parent_run_id, str(path))
+    finally:
+        store.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")
+
+
+def latest_sweep_id() -> str:
+    """The id of the sweep started last, in any experiment of the store."""
+    parents = tracking.configured_mlflow().search_runs(
+        search_all_experiments=True,
+        filter_string="tags.sweep_role = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not parents:
+        raise PipelineError("no sweep found in the store; run one or pass --experiment")
+    return parents[0].data.tags["sweep_parent"]
+
+
+def jobs_filter(sweep_id: str) -> str:
+    """An MLflow filter string selecting the runs of one sweep's jobs."""
+    return f"tags.sweep_id = '{sweep_id}'"

@@ -1,0 +1,18 @@
+"""Configs as a stage sees them: conf/ composed with overrides and validated."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+
+from mnist_pipeline.config import PipelineConfig, load_config
+from mnist_pipeline.project import CONF_DIR
+
+
+def sha_overrides(sha: dict[str, str]) -> list[str]:
+    return [f"data.sha256.{key}={value}" for key, value in sha.items()]
+
+
+def compose_config(overrides: list[str] | None = None) -> PipelineConfig:
+    """conf/ composed with Hydra overrides and validated, as a stage would see it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return load_config(compose(config_name="config", overrides=overrides or []))

@@ -1,0 +1,33 @@
+"""The project's commands as subprocesses, the way users and DVC start them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+#: The metrics every finished training run has.
+HEADLINE = ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss")
+
+
+def start_stage(stage: str, cwd: Path, env: dict, *overrides: str, **popen) -> subprocess.Popen:
+    """A stage as its own process (``python -m mnist_pipeline.<stage> overrides...``).
+
+    Its stdout (a line per epoch) is discarded: a pipe nobody reads fills up and blocks a long
+    training. Read stderr with ``communicate()``."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(
+        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides], cwd=cwd, env=env, **popen
+    )
+
+
+def run_pipeline(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -m mnist_pipeline.pipeline args...`` (``-m`` among them for a sweep)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
