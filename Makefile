@@ -3,6 +3,9 @@
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.synced
+# The optional extras (pyproject.toml): `server` for `make server`, every extra for the tests.
+SERVER_STAMP := $(VENV)/.synced-server
+ALL_STAMP := $(VENV)/.synced-all-extras
 # Stage commands call `python`/`dvc`; put the project's environment first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # uv: the one on PATH, else the one pip installs for the machine's python3.
@@ -13,27 +16,41 @@ export UV_PYTHON_DOWNLOADS := never
 
 setup: $(STAMP)
 
+# --inexact: a sync adds what a target needs and removes nothing, so switching between
+# targets never uninstalls and reinstalls an extra.
+SYNC = $(UV) sync --frozen --inexact --python python3
+
 $(STAMP): pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
-	$(UV) sync --frozen --python python3
+	$(SYNC)
+	@touch $@
+
+$(SERVER_STAMP): $(STAMP)
+	$(SYNC) --extra server
+	@touch $@
+
+$(ALL_STAMP): $(STAMP)
+	$(SYNC) --all-extras
 	@touch $@
 
 ## Run the pipeline: download -> preprocess -> train -> evaluate (only what changed).
 repro: setup
 	dvc repro
 
-## The test suite (CI runs this).
-test: setup
+## The test suite (CI runs this), with every optional extra installed.
+test: $(ALL_STAMP)
 	python -m pytest
 
 ## The quick part: everything but the end-to-end DVC runs and sweeps (-m "not slow").
-test-fast: setup
+test-fast: $(ALL_STAMP)
 	python -m pytest -m "not slow"
 
+## Style, and the floor plan: no import cycle, no stage importing another stage.
 lint: setup
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests tools bench
+	ruff format --check src tests tools bench
+	python tools/check_imports.py src
 
 ## The benchmark against the book's plain script (about 12 minutes; needs MNIST_MIRROR or
 ## network access). Writes bench/results.md and bench/results.json.
@@ -44,13 +61,13 @@ bench: setup
 params: setup
 	python -m mnist_pipeline.params
 
-## Browse the runs: http://127.0.0.1:5000 (local only; see README to share it).
+## Browse the runs: http://127.0.0.1:5000 (local only; docs/operations.md shares it).
 ui: setup
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--host 127.0.0.1 --port 5000
 
 ## A shared MLflow tracking server: runs in PostgreSQL, artifacts stored and served by the
-## server (README: "When one machine is not enough"). Settings: MLFLOW_BACKEND_STORE_URI,
+## server (docs/operations.md). Settings: MLFLOW_BACKEND_STORE_URI,
 ## MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
-server: setup
+server: $(SERVER_STAMP)
 	python -m mnist_pipeline.tracking_server
