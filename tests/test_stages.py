@@ -7,7 +7,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline import artifacts, download, evaluate, preprocess, train
+from mnist_pipeline import download, evaluate, preprocess, train
+from mnist_pipeline.artifacts import MNIST_FILES, load_model, load_processed
 from mnist_pipeline.errors import DataError, PipelineError
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import TEST_SIZE, TRAIN_SIZE, synthetic_digits
@@ -34,8 +35,8 @@ def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
     download.download(tiny_cfg)
     cfg = compose_config([*sha_overrides(tiny_mirror[1]), "data.val_split=0.25"])
     preprocess.preprocess(cfg)
-    x_train, _ = artifacts.load_processed(cfg.paths.processed, "train")
-    x_val, _ = artifacts.load_processed(cfg.paths.processed, "val")
+    x_train, _ = load_processed(cfg.paths.processed, "train")
+    x_val, _ = load_processed(cfg.paths.processed, "val")
     assert len(x_val) == TRAIN_SIZE // 4 and len(x_train) == TRAIN_SIZE - TRAIN_SIZE // 4
     # Disjoint, together the whole training set, and not simply its first or last rows.
     everything = np.concatenate([x_train, x_val])
@@ -49,11 +50,10 @@ def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
     assert sum(r in rows for r in all_rows[-len(rows) :]) < len(rows)
     first = np.array(x_val)
     preprocess.preprocess(cfg)
-    np.testing.assert_array_equal(artifacts.load_processed(cfg.paths.processed, "val")[0], first)
+    np.testing.assert_array_equal(load_processed(cfg.paths.processed, "val")[0], first)
 
 
 def test_preprocess_refuses_mismatched_counts(prepared):
-    from mnist_pipeline.artifacts import MNIST_FILES
     from mnist_pipeline.idx import write_idx
 
     raw = Path(prepared.paths.raw)
@@ -101,7 +101,7 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
 
     # The logged model loads back through MLflow and predicts the same classes.
-    x_test, _ = artifacts.load_processed(prepared.paths.processed, "test")
+    x_test, _ = load_processed(prepared.paths.processed, "test")
     logged = mlflow.pyfunc.load_model(run_ref["model_uri"])
     keras_model = mlflow.keras.load_model(run_ref["model_uri"])
     predicted = np.asarray(logged.predict(np.asarray(x_test))).argmax(axis=1)
@@ -110,8 +110,6 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
 
 
 def test_training_is_deterministic(prepared):
-    from mnist_pipeline.artifacts import load_model
-
     path = Path(prepared.paths.models)
     train.train(prepared)
     first = [w.copy() for w in load_model(path).get_weights()]
@@ -137,8 +135,6 @@ def test_corrupt_model_is_refused(prepared):
 
 
 def test_steps_per_execution_changes_speed_not_results(prepared, tiny_mirror):
-    from mnist_pipeline.artifacts import load_model
-
     path = Path(prepared.paths.models)
     weights = []
     for steps in (1, 50):
