@@ -12,8 +12,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup repro test test-fast lint params ui server bench
+.PHONY: help setup repro exps test test-fast lint params ui server bench
+# The experiments table: fits 120 columns (all six metrics: dvc metrics show).
+EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
+## Set up .venv/ from uv.lock (every target does this first).
 setup: $(STAMP)
 
 # --inexact: a sync adds what a target needs and removes nothing, so switching between
@@ -38,6 +41,10 @@ $(ALL_STAMP): $(STAMP)
 repro: setup
 	dvc repro
 
+## The experiments: name, params that differ, train/test accuracy, test loss and gap.
+exps: setup
+	dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' $(ARGS)
+
 ## The test suite (CI runs this), with every optional extra installed.
 test: $(ALL_STAMP)
 	python -m pytest
@@ -52,8 +59,8 @@ lint: setup
 	ruff format --check src tests tools bench
 	python tools/check_imports.py src
 
-## The benchmark against the book's plain script (about 12 minutes; needs MNIST_MIRROR or
-## network access). Writes bench/results.md and bench/results.json.
+## The benchmark against the book's plain script (about 12 minutes).
+## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
 bench: setup
 	python bench/run.py --repeat $${REPEAT:-3}
 
@@ -71,3 +78,9 @@ ui: setup
 ## MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
 server: $(SERVER_STAMP)
 	python -m mnist_pipeline.tracking_server
+
+## This list: one line per target (the first line of the `##` comment above each).
+help:
+	@awk '/^## / { if (!doc) doc = substr($$0, 4); next } \
+		/^[a-zA-Z_-]+:/ { if (doc) printf "  make %-10s %s\n", substr($$1, 1, length($$1) - 1), doc } \
+		{ doc = "" }' $(firstword $(MAKEFILE_LIST))

@@ -9,9 +9,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
 from mnist_pipeline.params import compose_params
+from tests.helpers.config import edit_yaml
 from tests.helpers.workspace import copy_project, git_commit
 
 pytestmark = pytest.mark.slow
@@ -21,17 +21,6 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
-
-
-def edit_yaml(path: Path, **values) -> None:
-    data = yaml.safe_load(path.read_text())
-    for dotted, value in values.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")

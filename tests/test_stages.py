@@ -78,7 +78,24 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     assert metrics["train_accuracy"] == pytest.approx(train_metrics["train_accuracy"], abs=1e-6)
     assert len((reports / "test_predictions.csv").read_text().splitlines()) == TEST_SIZE + 1
     assert (reports / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(result["per_class_accuracy"]) == 10
+    # metrics.json holds the headline numbers only (a readable `dvc exp show`); per-class
+    # numbers go to their own plain output.
+    assert (
+        set(result)
+        == set(metrics)
+        == {
+            "fit_accuracy",
+            "train_accuracy",
+            "train_loss",
+            "test_accuracy",
+            "test_loss",
+            "accuracy_gap",
+        }
+    )
+    per_class = json.loads((reports / "per_class.json").read_text())
+    assert len(per_class["test_accuracy"]) == 10
+    assert sum(per_class["test_count"].values()) == TEST_SIZE
+    assert (reports / "train_history.png").read_bytes()[:4] == b"\x89PNG"
 
     run = mlflow.get_run(run_ref["run_id"])
     assert run.info.status == "FINISHED"
@@ -98,6 +115,13 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     assert [m.step for m in history] == [1]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "metrics.json"} <= artifacts
+    # The JSON says its orientation, the same as the PNG's: rows actual, columns predicted.
+    confusion = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/confusion_matrix.json")
+    assert (confusion["rows"], confusion["columns"]) == ("actual", "predicted")
+    predictions = np.loadtxt(reports / "test_predictions.csv", delimiter=",", skiprows=1, dtype=int)
+    expected = np.zeros((10, 10), dtype=int)
+    np.add.at(expected, (predictions[:, 0], predictions[:, 1]), 1)
+    np.testing.assert_array_equal(confusion["matrix"], expected)
     assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
 
     # The logged model loads back through MLflow and predicts the same classes.

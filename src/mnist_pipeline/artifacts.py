@@ -110,11 +110,18 @@ def data_hash(folder: str | Path) -> str:
     return files.read_json(Path(folder) / MANIFEST_FILE, "preprocess")["content_sha256"]
 
 
-def recompute_hash(folder: str | Path) -> str:
-    """The content hash of the processed arrays as they are on disk now (not as recorded)."""
+def recompute_hash(
+    folder: str | Path, loaded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> str:
+    """The content hash of the processed arrays as they are now (not as recorded).
+
+    ``loaded``: splits already in memory (``{"train": (x, y)}``), hashed as they are, so the
+    hash is that of the arrays a caller actually uses; other splits are read from disk."""
+    loaded = loaded or {}
     arrays = {}
     for split_name in SPLITS:
-        arrays[f"x_{split_name}"], arrays[f"y_{split_name}"] = load_processed(folder, split_name)
+        x, y = loaded[split_name] if split_name in loaded else load_processed(folder, split_name)
+        arrays[f"x_{split_name}"], arrays[f"y_{split_name}"] = x, y
     return content_hash(arrays)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mnist_pipeline import tracking
+from mnist_pipeline import quiet, tracking
 from mnist_pipeline.config import PipelineConfig, load_config
 from mnist_pipeline.errors import exit_on_error
 
@@ -19,8 +19,10 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
 
     Expected failures print one line to stderr and exit with status 1 (``exit_on_error``);
     anything else is a bug and keeps its traceback. An unreachable tracking server is found
-    here, before any work starts.
+    here, before any work starts. TensorFlow's native start-up noise is filtered from stderr
+    (``quiet``).
     """
+    quiet.filter_native_stderr()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     with exit_on_error():
@@ -36,5 +38,8 @@ def _terminate(signum: int, frame: Any) -> None:
     leave the SQLite store locked, so this exits without touching it. Outputs are safe, since
     every file is written atomically; the run left RUNNING is marked KILLED by the next run
     on this machine (tracking.close_dead_runs)."""
-    os.write(2, f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode())
+    os.write(
+        quiet.stderr_fd(),
+        f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode(),
+    )
     os._exit(128 + signum)

@@ -4,8 +4,11 @@ Hydra composes ``conf/`` (or loads ``params.yaml``, the same tree already compos
 ``load_config`` merges the result onto these dataclasses, so a misspelled key, a wrong type
 or an out-of-range value fails before any work starts, with a message that names the key.
 
-The conf/ YAML files do not name these dataclasses in their defaults lists on purpose: DVC
-composes ``conf/`` in its own process, where this package's ConfigStore entries do not exist.
+The same checks run when ``conf/`` is composed, in any process (DVC's own included, through
+``src/hydra_plugins/mnist_schema.py``): ``conf/config.yaml`` lists the schema registered here
+first in its defaults (types, unknown keys), and its ``schema`` key resolves through
+``check_resolver`` (ranges, cross-field rules). So ``dvc exp run -S model.units=0`` stops
+before DVC writes ``params.yaml`` or removes an output.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from mnist_pipeline.distribute import STRATEGIES
 from mnist_pipeline.errors import ConfigError
@@ -37,6 +40,10 @@ OPTIMIZERS = {
     "sgd": Optimizer("SGD", ("momentum",)),
 }
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu")
+#: Bumped when the config's shape changes; params.yaml records the version it was made for.
+SCHEMA_VERSION = 1
+#: The OmegaConf resolver behind ``schema: ${mnist_schema:N}`` in conf/config.yaml.
+RESOLVER = "mnist_schema"
 
 
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
@@ -182,15 +189,49 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = MISSING
+    #: The schema version ``params.yaml`` was composed for; in ``conf/`` it is
+    #: ``${mnist_schema:N}``, which checks the whole composed config as it resolves.
+    schema: int = SCHEMA_VERSION
 
     def check(self) -> None:
+        _check(0 <= self.seed < 2**32, "seed", "must be between 0 and 2**32 - 1", self.seed)
+        _check(
+            self.schema == SCHEMA_VERSION,
+            "schema",
+            f"must be {SCHEMA_VERSION} (params.yaml is from another version: `make params`)",
+            self.schema,
+        )
         if self.train.early_stopping_patience > 0 and self.data.val_split == 0:
             raise ConfigError(
                 "train.early_stopping_patience needs a validation set: set data.val_split > 0"
             )
 
 
+def check_resolver(version: int, *, _root_: DictConfig) -> int:
+    """Resolve ``${mnist_schema:N}``: check the whole config it sits in, return N.
+
+    DVC resolves the composed config before it writes params.yaml; raising here is the one
+    way to refuse a value out of range at that point (a structured config checks types only).
+    """
+    container = OmegaConf.to_container(_root_, resolve=False)
+    container.pop("schema", None)  # resolving it again would recurse
+    load_config({**container, "schema": version})
+    return version
+
+
+def stage_doc() -> str:
+    """The running stage's module docstring, for ``--help`` (conf/hydra/help/stage.yaml)."""
+    import sys
+
+    doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip() + "\n"
+    return doc.replace("$", "$$")  # Hydra fills the template with string.Template
+
+
 ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+if not OmegaConf.has_resolver(RESOLVER):
+    OmegaConf.register_new_resolver(RESOLVER, check_resolver)
+if not OmegaConf.has_resolver("mnist_stage_doc"):
+    OmegaConf.register_new_resolver("mnist_stage_doc", stage_doc)
 
 
 def load_config(cfg: DictConfig | dict) -> PipelineConfig:
@@ -203,6 +244,13 @@ def load_config(cfg: DictConfig | dict) -> PipelineConfig:
     try:
         merged = OmegaConf.merge(schema, cfg)
         config = OmegaConf.to_object(merged)
+    except InterpolationResolutionError as exc:
+        inner: BaseException | None = exc
+        while inner is not None and not isinstance(inner, ConfigError):
+            inner = inner.__cause__ or inner.__context__
+        if inner is not None:  # from check_resolver: already clear
+            raise ConfigError(str(inner)) from None
+        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
@@ -210,6 +258,20 @@ def load_config(cfg: DictConfig | dict) -> PipelineConfig:
         raise ConfigError(f"invalid configuration{where}: {reason}") from None
     _check_ranges(config)
     return config
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failed composition: the innermost reason Hydra or OmegaConf gave
+    (``Error merging override x=y`` alone does not say what is wrong with y)."""
+    reasons = []
+    while exc is not None:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        if text and text not in reasons:
+            reasons.append(text)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if not reasons:
+        return "invalid configuration"
+    return reasons[0] if len(reasons) == 1 else f"{reasons[0]}: {reasons[-1]}"
 
 
 def _check_ranges(node: Any) -> None:

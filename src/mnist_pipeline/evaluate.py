@@ -1,8 +1,18 @@
 """Stage 4, evaluate: test-set metrics for the trained model, beside its training metrics.
 
-Writes one metrics file with train and test numbers side by side (``dvc metrics show`` /
-``diff``), the confusion matrix as a DVC plot and as a PNG, and adds all of it to the train
-stage's MLflow run, so one run in ``mlflow ui`` holds the whole result.
+Writes one metrics file with the headline train and test numbers side by side (``dvc metrics
+show``, ``dvc exp show``), the per-class accuracies beside it as a plain output (too many
+columns for a table), the confusion matrix as a PNG (a DVC image plot: draws offline) and as
+one row per test image, and adds all of it to the train stage's MLflow run, so one run in
+``mlflow ui`` holds the whole result. Every form of the confusion matrix has the same
+orientation: rows (y) are the actual class, columns (x) the predicted class.
+
+Reads:    models/ (the train stage's model and run.json), data/processed/ (the test split)
+Writes:   reports/metrics.json, reports/per_class.json, reports/confusion_matrix.png,
+          reports/test_predictions.csv
+Logs:     to the train stage's MLflow run: test_accuracy, test_loss, accuracy_gap,
+          per-class accuracy, confusion_matrix.{json,png}
+Main keys: none of its own (paths.*); it evaluates whatever the train stage saved
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import artifacts, files, tracking
+from mnist_pipeline import artifacts, files, quiet, tracking
 from mnist_pipeline.artifacts import NUM_CLASSES
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
@@ -24,6 +34,8 @@ from mnist_pipeline.project import CONF_DIR
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.json"
+CONFUSION_JSON = "confusion_matrix.json"
 PREDICTIONS_FILE = "test_predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 
@@ -36,6 +48,7 @@ def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 def evaluate(cfg: PipelineConfig) -> dict:
     """Evaluate the saved model on the test set; return the metrics file's content."""
+    quiet.quiet_progress()
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     run = artifacts.read_run_ref(models)
     x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
@@ -61,25 +74,36 @@ def evaluate(cfg: PipelineConfig) -> dict:
         "test_loss": test_loss,
         "accuracy_gap": train_metrics["train_accuracy"] - test_accuracy,
     }
-    result = {
-        **{k: round(v, 6) for k, v in headline.items()},
-        "per_class_accuracy": {str(c): round(float(a), 6) for c, a in enumerate(per_class)},
+    result = {k: round(v, 6) for k, v in headline.items()}
+    per_class_report = {
+        "test_accuracy": {str(c): round(float(a), 6) for c, a in enumerate(per_class)},
+        "test_count": {str(c): int(n) for c, n in enumerate(matrix.sum(axis=1))},
     }
 
     files.write_json(reports / METRICS_FILE, result)
+    files.write_json(reports / PER_CLASS_FILE, per_class_report)
     write_predictions(reports / PREDICTIONS_FILE, y_test, predicted)
     plot_confusion(reports / CONFUSION_PNG, matrix, test_accuracy)
 
     with tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
         tracking.log_metrics({k: v for k, v in headline.items() if k.startswith(("test", "acc"))})
         tracking.log_metrics({f"test_accuracy_class_{c}": a for c, a in enumerate(per_class)})
-        tracking.log_dict(
-            {"labels": list(range(NUM_CLASSES)), "matrix": matrix.tolist()}, "confusion_matrix.json"
-        )
+        tracking.log_dict(confusion_json(matrix), CONFUSION_JSON)
         tracking.log_artifact(reports / CONFUSION_PNG)
         tracking.log_artifact(reports / METRICS_FILE)
+        tracking.log_artifact(reports / PER_CLASS_FILE)
     log.info("test_accuracy %.4f, gap %.4f", test_accuracy, headline["accuracy_gap"])
     return result
+
+
+def confusion_json(matrix: np.ndarray) -> dict:
+    """The matrix with its orientation spelled out: ``matrix[actual][predicted]``."""
+    return {
+        "rows": "actual",
+        "columns": "predicted",
+        "labels": list(range(NUM_CLASSES)),
+        "matrix": matrix.tolist(),
+    }
 
 
 def write_predictions(path: Path, actual: np.ndarray, predicted: np.ndarray) -> None:

@@ -1,50 +1,93 @@
-"""Compose ``conf/`` into ``params.yaml``, exactly as ``dvc exp run`` does.
+"""Compose ``conf/`` into ``params.yaml``, exactly as ``dvc exp run`` does; or check it.
 
 ``dvc repro`` never composes ``conf/``: it reads ``params.yaml`` as it stands. Run this
-(``make params``) after editing ``conf/`` so both entry points see the same config; a test
-fails when the two drift apart.
+(``make params``) after editing ``conf/`` so both entry points see the same config.
 
-    python -m mnist_pipeline.params [override ...]   # e.g. train.epochs=10
+    python -m mnist_pipeline.params [override ...]   # write params.yaml, e.g. train.epochs=10
+    python -m mnist_pipeline.params --check          # the `check` stage of dvc.yaml
+
+Writing reads conf/ and writes params.yaml atomically; nothing is written when the composed
+config fails the schema (types, ranges, cross-field rules). ``--check`` is DVC's first
+stage: it validates params.yaml (hand-edited, or composed by `dvc exp run`) and conf/ before
+any other stage runs, so DVC never removes an output for a config the stages would refuse.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mnist_pipeline import files
-from mnist_pipeline.config import load_config
+from mnist_pipeline.config import describe, load_config
 from mnist_pipeline.errors import ConfigError, exit_on_error
 from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
+
+#: The check stage's output: constant content, so a passing check never re-runs anything.
+CHECK_STAMP = "data/params.ok"
 
 
 def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
     """The YAML text DVC would write: conf/ composed, interpolations resolved."""
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides or [])
-    except HydraException as exc:  # an unknown group or key in the overrides
-        raise ConfigError(str(exc)) from None
-    OmegaConf.resolve(cfg)
+    except HydraException as exc:  # an unknown group or key, or a value the schema refuses
+        raise ConfigError(describe(exc)) from None
     load_config(cfg)  # refuse to write a params.yaml that the stages would reject
+    OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
+
+
+def check(params: Path, conf: Path, stamp: Path) -> None:
+    """Refuse an invalid params.yaml or conf/; on success write the (constant) stamp."""
+    try:
+        load_config(OmegaConf.load(params))
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{params}: {describe(exc)}") from None
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{params}: {exc} (fix it, or restore the committed one: git checkout {params})"
+        ) from None
+    try:
+        composed = compose_params(config_dir=str(conf))
+    except ConfigError as exc:
+        raise ConfigError(f"{conf}/ does not compose: {exc}") from None
+    if not os.environ.get("DVC_EXP_NAME") and OmegaConf.create(composed) != OmegaConf.load(params):
+        print(
+            f"note: {params} differs from {conf}/ composed; `dvc repro` uses {params}. "
+            f"Run `make params` to use {conf}/ instead.",
+            file=sys.stderr,
+        )
+    files.write_bytes(stamp, b"params.yaml and conf/ passed the schema checks\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.params",
-        description="Compose conf/ into params.yaml, exactly as `dvc exp run` does.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
-    args = parser.parse_args(argv).overrides
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"validate ./params.yaml and ./conf/, write {CHECK_STAMP} (the DVC check stage)",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check:
+        with exit_on_error():
+            check(Path("params.yaml"), Path("conf"), Path(CHECK_STAMP))
+        return 0
     target = Path(PROJECT_ROOT) / "params.yaml"
     with exit_on_error(prefix="params.yaml not written: "):
-        text = compose_params(args)
+        text = compose_params(args.overrides)
     files.write_bytes(target, text.encode())
     print(f"wrote {target}")
     return 0

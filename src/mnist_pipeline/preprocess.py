@@ -2,8 +2,14 @@
 
 Writes ``.npy`` files (memory-mappable, no pickle) to ``data/processed``; labels stay
 integers (one-hot encoding is the train stage's business). An optional validation split is
-carved from the training set with the configured seed. Dataset statistics go to a DVC
-metrics file and to MLflow. This module does not import TensorFlow.
+carved from the training set with the configured seed. Dataset statistics go to a plain
+file (``dvc metrics show reports/data.json``) and to MLflow. This module does not import
+TensorFlow.
+
+Reads:    data/raw/ (the download stage's output)
+Writes:   data/processed/ ({x,y}_{train,val,test}.npy, manifest.json), reports/data.json
+Logs:     an MLflow run `preprocess`: pixel statistics, split sizes, the data's content hash
+Main keys: data.val_split, seed
 """
 
 from __future__ import annotations

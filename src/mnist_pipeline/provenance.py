@@ -10,25 +10,15 @@ import platform
 import socket
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+from mnist_pipeline.dvcfiles import dirty_check_args
 from mnist_pipeline.project import project_root
 
 #: The run's full resolved config, logged as an artifact of every training run.
 CONFIG_ARTIFACT = "config.json"
 #: Packages whose versions a run records (``version.<name>`` tags).
 PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy")
-
-#: ``git status`` that ignores what DVC rewrites: dvc.lock (between stages) and params.yaml
-#: (for ``dvc exp run -S``); the run records the full config anyway.
-DIRTY_CHECK = (
-    "status",
-    "--porcelain",
-    "--untracked-files=no",
-    "--",
-    ".",
-    ":!dvc.lock",
-    ":!params.yaml",
-)
 
 
 def package_version(name: str) -> str:
@@ -47,10 +37,21 @@ def git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def uncommitted_changes() -> str | None:
+    """``git status`` of tracked files minus what DVC manages (``dvcfiles``, read from
+    dvc.yaml): DVC rewrites dvc.lock and params.yaml and removes a stage's outputs before it
+    runs, and the run records the full config anyway. None when git cannot tell (no
+    repository)."""
+    top = git("rev-parse", "--show-toplevel")
+    if not top:
+        return None
+    return git(*dirty_check_args(Path(top)))
+
+
 def provenance_tags() -> dict[str, str]:
     """Tags that say what produced a run: code version and the software that ran it."""
     commit = git("rev-parse", "HEAD")
-    status = git(*DIRTY_CHECK)
+    status = uncommitted_changes()
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),

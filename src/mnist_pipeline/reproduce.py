@@ -23,7 +23,12 @@ import numpy as np
 from mnist_pipeline import artifacts, tracking
 from mnist_pipeline.config import load_config
 from mnist_pipeline.errors import PipelineError, exit_on_error
-from mnist_pipeline.provenance import CONFIG_ARTIFACT, DIRTY_CHECK, git, version_warnings
+from mnist_pipeline.provenance import (
+    CONFIG_ARTIFACT,
+    git,
+    uncommitted_changes,
+    version_warnings,
+)
 from mnist_pipeline.runner import ensure_processed, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,7 @@ def check_code(tags: dict[str, str]) -> None:
     if git("cat-file", "-e", f"{commit}^{{commit}}") is None:
         raise PipelineError(f"commit {commit} is not in this repository (fetch it first)")
     head = git("rev-parse", "HEAD")
-    dirty = bool(git(*DIRTY_CHECK))
+    dirty = bool(uncommitted_changes())
     if head != commit or dirty:
         state = (
             f"{head[:12] if head else 'no commit'}{' with uncommitted changes' if dirty else ''}"

@@ -299,7 +299,7 @@ def log_keras_model(model: Any, example: np.ndarray) -> str:
 
     signature = infer_signature(example, model.predict(example, verbose=0))
     requirements = [f"{p}=={package_version(p)}" for p in ("tensorflow", "keras", "numpy")]
-    with _keras_example_dir_fix():
+    with _keras_example_dir_fix(), _no_pip_version_warning():
         info = mlflow.keras.log_model(
             model,
             name="model",
@@ -312,6 +312,25 @@ def log_keras_model(model: Any, example: np.ndarray) -> str:
 
 def load_logged_model(model_uri: str) -> Any:
     return configured_mlflow().keras.load_model(model_uri)
+
+
+class _PipVersionFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to resolve installed pip version")
+
+
+@contextmanager
+def _no_pip_version_warning() -> Iterator[None]:
+    """MLflow warns that it cannot find pip's version when it writes the model's conda.yaml;
+    uv-made environments have no pip, and the model's requirements are given explicitly,
+    so the warning says nothing to act on."""
+    logger = logging.getLogger("mlflow.utils.environment")
+    pip_filter = _PipVersionFilter()
+    logger.addFilter(pip_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(pip_filter)
 
 
 @contextmanager

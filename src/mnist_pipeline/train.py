@@ -7,12 +7,18 @@ evaluate stage (another process) adds its metrics to the same run.
 
 Under ``train.strategy=multi_worker`` every worker fits; only the chief publishes (saves,
 writes reports, logs to MLflow; see ``distribute``).
+
+Reads:    data/processed/ (the preprocess stage's output)
+Writes:   models/ (model.keras, run.json), reports/train_history.{csv,png}
+Logs:     an MLflow run `train`: the whole config, loss/accuracy per epoch, fit/train
+          accuracy, the data hash, git commit and versions, the model
+Main keys: model.{layers,units,activation,dropout,l2}, optimizer=rmsprop|adam|sgd,
+          optimizer.learning_rate, train.{epochs,batch_size,early_stopping_patience}, seed
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import artifacts, distribute, tracking
+from mnist_pipeline import artifacts, distribute, files, quiet, tracking
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
 from mnist_pipeline.errors import PipelineError
@@ -34,6 +40,8 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
+
+HISTORY_PNG = "train_history.png"
 
 
 def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[str, float]:
@@ -49,9 +57,11 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
         artifacts.clear_run_ref(models)
     x_mapped, y_train = artifacts.load_processed(processed, "train")
     x_val, y_val = artifacts.load_processed(processed, "val")
-    digest = artifacts.data_hash(processed)
+    digest = used_data_hash(processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)})
     example = np.array(x_mapped[:5])
     seed_everything(cfg.seed)
+    # After seed_everything: its clear_session resets Keras's global state.
+    progress_bar = quiet.quiet_progress()
     steps_per_execution = dist.steps_per_execution(cfg.train.steps_per_execution)
 
     def build() -> keras.Model:
@@ -71,7 +81,7 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
             )
         del x_mapped  # release the memory-mapped file; training reads the tensor
         fit_started = time.perf_counter()
-        history = fit(model, dist, cfg, (x_train, y_onehot), validation)
+        history = fit(model, dist, cfg, (x_train, y_onehot), validation, progress_bar)
         fit_seconds = time.perf_counter() - fit_started
         if not dist.chief:
             log.info("worker done; the chief saves the model and logs the run")
@@ -106,9 +116,11 @@ def fit(
     cfg: PipelineConfig,
     train_data: tuple[tf.Tensor, tf.Tensor],
     validation: tuple[tf.Tensor, tf.Tensor] | None,
+    progress_bar: bool,
 ) -> dict[str, list[float]]:
     """``model.fit`` with the project's callbacks; return the per-epoch history. Refuses a
-    training that diverged, so nothing is saved from it."""
+    training that diverged, so nothing is saved from it. Without a ``progress_bar`` (a log
+    file) the EpochLogger writes one line per epoch instead."""
     import keras
 
     from mnist_pipeline.callbacks import EpochLogger
@@ -123,7 +135,7 @@ def fit(
             validation = distribute.batches(*validation, cfg.train.batch_size)
     # TerminateOnNaN stops at the first NaN batch instead of training on garbage.
     callbacks: list[keras.callbacks.Callback] = [
-        *([EpochLogger()] if dist.chief else []),
+        *([EpochLogger(cfg.train.epochs, echo=not progress_bar)] if dist.chief else []),
         keras.callbacks.TerminateOnNaN(),
     ]
     if cfg.train.early_stopping_patience > 0:
@@ -138,7 +150,7 @@ def fit(
             epochs=cfg.train.epochs,
             validation_data=validation,
             callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
+            verbose=1 if progress_bar else 0,  # else EpochLogger logs a line per epoch
         ).history
     if not np.isfinite(history["loss"]).all():
         raise PipelineError(
@@ -146,6 +158,23 @@ def fit(
             "not saved: lower optimizer.learning_rate"
         )
     return history
+
+
+def used_data_hash(folder: Path, loaded: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """The content hash of the arrays this training reads (``artifacts.recompute_hash``, the
+    one hash), not the one preprocess wrote in its manifest: a file replaced by hand after
+    preprocess would otherwise be recorded under the data it replaced."""
+    digest = artifacts.recompute_hash(folder, loaded)
+    recorded = artifacts.data_hash(folder)
+    if digest != recorded:
+        log.warning(
+            "%s differs from what the preprocess stage wrote (data hash %s, recorded %s); "
+            "the run records the data actually used",
+            folder,
+            digest[:12],
+            recorded[:12],
+        )
+    return digest
 
 
 def publish(
@@ -162,6 +191,7 @@ def publish(
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     tracking.log_metrics({**metrics, "fit_seconds": fit_seconds})
     artifacts.write_history(reports, history)
+    plot_history(reports / HISTORY_PNG, history)
     artifacts.save_model(model, models)
     model_uri = tracking.log_keras_model(model, example)
     tracking.set_tags({"model_uri": model_uri})
@@ -175,6 +205,23 @@ def publish(
             "fit_seconds": round(fit_seconds, 3),
         },
     )
+
+
+def plot_history(path: Path, history: dict[str, list[float]]) -> None:
+    """Accuracy and loss per epoch, training and (when held out) validation: a DVC image
+    plot, so ``dvc plots show`` draws it with no network."""
+    fig, axes = files.pyplot().subplots(1, 2, figsize=(10, 4), dpi=100)
+    epochs = range(1, len(history["loss"]) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        ax.plot(epochs, history[metric], marker="o", label=f"train {metric}")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric.capitalize()} per epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    files.save_figure(fig, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
 from hydra import compose, initialize_config_dir
 
 from mnist_pipeline.config import PipelineConfig, load_config
@@ -16,3 +19,15 @@ def compose_config(overrides: list[str] | None = None) -> PipelineConfig:
     """conf/ composed with Hydra overrides and validated, as a stage would see it."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return load_config(compose(config_name="config", overrides=overrides or []))
+
+
+def edit_yaml(path: Path, **values) -> None:
+    """Set dotted keys in a YAML file, as a person editing params.yaml by hand would."""
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in values.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,208 @@
+"""The everyday DVC workflow through the real `dvc` command, in a temporary git repository
+holding the project with its outputs committed (as in a fresh clone after `make repro`):
+bad config values break nothing, tables are readable, plots draw offline, provenance holds."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_pipeline.params import compose_params
+from mnist_pipeline.project import PROJECT_ROOT
+from tests.helpers.config import edit_yaml
+from tests.helpers.workspace import copy_project, git_commit
+
+pytestmark = pytest.mark.slow
+
+HEADLINE = {
+    "fit_accuracy",
+    "train_accuracy",
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "accuracy_gap",
+}
+
+
+def make_variable(name: str) -> str:
+    for line in (PROJECT_ROOT / "Makefile").read_text().splitlines():
+        if line.startswith(f"{name} :="):
+            return line.split(":=", 1)[1].strip()
+    raise AssertionError(f"no {name} in the Makefile")
+
+
+#: `make exps`: experiment, params that differ, headline metrics (all six in --csv/--json).
+EXP_SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", make_variable("EXP_SHOW_DROP")]
+
+
+def dvc(args: list[str], repo: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_mirror):
+    folder, sha = tiny_mirror
+    tmp_path = tmp_path_factory.mktemp("dvc workflow")  # a path with a space
+    repo = copy_project(tmp_path / "repo", commit=False)
+    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
+    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
+    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
+    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
+    env = {
+        **os.environ,
+        "MNIST_MIRROR": str(folder),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the stages' own log settings, as a user gets them
+    git_commit(repo, env)
+    first = dvc(["dvc", "repro"], repo, env)
+    git_commit(repo, env, message="results")  # reports/ committed, as in the real repository
+    return repo, env, first.stdout + first.stderr
+
+
+def workspace_state(repo: Path, env: dict) -> tuple[str, str]:
+    status = dvc(["git", "status", "--porcelain"], repo, env).stdout
+    return status, dvc(["dvc", "status"], repo, env).stdout
+
+
+def test_logs_are_quiet(project):
+    """One line per epoch, no CUDA/NodeDef noise, no progress bar, no pip warning."""
+    _, _, out = project
+    assert "epoch 1/1: accuracy" in out
+    for noise in ("cuInit", "NodeDef mentions", "Failed to resolve installed pip", "━"):
+        assert noise not in out
+    assert max(len(line) for line in out.splitlines()) < 300
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.units=0", "model.units must be >= 1"),
+        ("train.epochs=abc", "train.epochs"),
+        ("seed=-1", "seed must be between 0 and 2**32 - 1"),
+        ("train.early_stopping_patience=3", "needs a validation set"),
+        ("+train.epochz=3", "epochz"),
+    ],
+)
+def test_bad_value_changes_nothing(project, override, message):
+    repo, env, _ = project
+    model = (repo / "models/model.keras").read_bytes()
+    result = dvc(["dvc", "exp", "run", "-S", override], repo, env, ok=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Running stage" not in result.stdout
+    status, dvc_status = workspace_state(repo, env)
+    assert status == "", status
+    assert "Data and pipelines are up to date" in dvc_status
+    assert (repo / "models/model.keras").read_bytes() == model
+
+
+def test_hand_edited_params_stop_before_any_output_is_removed(project):
+    repo, env, _ = project
+    edit_yaml(repo / "params.yaml", **{"model.units": 0})
+    result = dvc(["dvc", "repro"], repo, env, ok=False)
+    assert result.returncode != 0
+    assert "error: params.yaml: model.units must be >= 1, got 0" in result.stderr
+    assert "Running stage 'train'" not in result.stdout
+    assert (repo / "models/model.keras").exists() and (repo / "reports/metrics.json").exists()
+    # The one documented command restores everything.
+    dvc(["git", "checkout", "--", "params.yaml"], repo, env)
+    status, dvc_status = workspace_state(repo, env)
+    assert status == "" and "Data and pipelines are up to date" in dvc_status
+
+
+def test_experiment_table_and_provenance(project):
+    repo, env, _ = project
+    dvc(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env)
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) == HEADLINE
+
+    # All headline metrics, and nothing else, are DVC metrics.
+    every = dvc(["dvc", "exp", "show", "--csv"], repo, env).stdout
+    header = next(csv.reader(io.StringIO(every)))
+    assert set(header) >= HEADLINE
+    assert not [c for c in header if "class" in c or "count" in c or "pixel" in c]
+    # `make exps`: the name, the param that differs, the headline numbers.
+    table = dvc([*EXP_SHOW, "--csv"], repo, env).stdout
+    header = next(csv.reader(io.StringIO(table)))
+    assert header[:3] == ["Experiment", "rev", "typ"]
+    expected = {"train_accuracy", "test_accuracy", "test_loss", "accuracy_gap", "train.epochs"}
+    assert set(header[3:]) == expected, header
+    wide = dvc([*EXP_SHOW, "--no-pager"], repo, {**env, "COLUMNS": "120"}).stdout
+    for column in ("two-epochs", *sorted(expected)):
+        assert column in wide, wide
+    assert max(len(line) for line in wide.splitlines()) <= 120, wide
+
+    # Runs that DVC made (it removed and rewrote committed outputs) are not "dirty", and
+    # `reproduce` runs at once, with no stash.
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mnist").experiment_id],
+        filter_string="params.`train.epochs` = '2' and tags.stage = 'train'",
+    )
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["git.dirty"] == "false"
+    reproduced = dvc(
+        [sys.executable, "-m", "mnist_pipeline.reproduce", runs[0].info.run_id], repo, env, ok=False
+    )
+    assert "uncommitted changes" not in reproduced.stderr
+    assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
+    assert "identical" in reproduced.stdout
+
+
+def test_plots_draw_offline(project, tmp_path):
+    repo, env, _ = project
+    out = tmp_path / "plots"
+    dvc(["dvc", "plots", "diff", "HEAD", "two-epochs", "-o", str(out)], repo, env)
+    page = (out / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script" not in page
+    images = draw(out / "index.html")
+    # Both revisions' training history and confusion matrix, every one drawn.
+    assert len(images) == 4, images
+    assert all(width > 100 for _, width in images), images
+    names = " ".join(src for src, _ in images)
+    assert names.count("train_history.png") == 2 and names.count("confusion_matrix.png") == 2
+
+
+def draw(page: Path) -> list[tuple[str, int]]:
+    """Open ``page`` in Chromium with every network request refused; return each image's
+    source and drawn width (0 = it did not load)."""
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("MNIST_REQUIRE_SERVICES"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        try:
+            context = browser.new_context(offline=True)
+            context.route(
+                "**/*",
+                lambda route: (
+                    route.continue_() if route.request.url.startswith("file:") else route.abort()
+                ),
+            )
+            tab = context.new_page()
+            tab.goto(page.as_uri(), wait_until="load")
+            return tab.eval_on_selector_all(
+                "img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])"
+            )
+        finally:
+            browser.close()

@@ -1,0 +1,183 @@
+"""The small doors of the DVC workflow, without running the pipeline: config refused at
+composition, the check stage, the dirty check, log filtering, help texts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_pipeline.download import Mirror
+from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
+from tests.helpers.workspace import git_commit
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.units=0", "seed=-1", "seed=4294967296", "train.epochs=abc", "data.val_split=1.5"],
+)
+def test_dvc_composition_refuses_bad_values(tmp_path, override):
+    """DVC's own composition (what `dvc exp run -S` calls, before it writes params.yaml or
+    removes anything) refuses values out of range, not just wrong types."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    plugins = str(PROJECT_ROOT / "src")
+    with pytest.raises(Exception, match=override.split("=")[0].replace(".", r"\.")):
+        compose_and_dump(out, CONF_DIR, None, "config", plugins, [override])
+    assert not out.exists()
+
+
+def test_check_stage(tmp_path, monkeypatch):
+    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    run = [sys.executable, "-m", "mnist_pipeline.params", "--check"]
+    ok = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "data/params.ok").exists()
+
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("seed: 42", "seed: -1"))
+    bad = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: params.yaml: seed must be between 0 and 2**32 - 1")
+    assert "Traceback" not in bad.stderr
+
+
+def test_committed_params_yaml_is_composed_conf(tmp_path):
+    """The committed params.yaml (git's copy: an experiment may have rewritten the working
+    one) is what conf/ composes to. Fix a failure with `make params` and commit."""
+    from dvc.utils.hydra import compose_and_dump
+
+    from mnist_pipeline.params import compose_params
+
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    text = (
+        committed.stdout
+        if committed.returncode == 0
+        else (PROJECT_ROOT / "params.yaml").read_text()
+    )
+    import yaml
+
+    dvc_output = tmp_path / "params.yaml"
+    compose_and_dump(dvc_output, CONF_DIR, None, "config", str(tmp_path), [])
+    assert yaml.safe_load(dvc_output.read_text()) == yaml.safe_load(text)
+    assert compose_params() == text
+
+
+def test_dirty_check_ignores_what_dvc_manages(tmp_path, monkeypatch):
+    from mnist_pipeline import provenance
+    from mnist_pipeline.dvcfiles import managed_paths
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    (tmp_path / "reports").mkdir()
+    for name in ("metrics.json", "data.json", "train_history.csv"):
+        (tmp_path / "reports" / name).write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git_commit(tmp_path)
+    monkeypatch.chdir(tmp_path / "reports")  # anywhere in the repository
+
+    assert "reports/train_history.png" in managed_paths(tmp_path)  # from dvc.yaml's ${paths}
+    for name in ("metrics.json", "data.json", "train_history.csv"):
+        (tmp_path / "reports" / name).unlink()  # what DVC does before a stage runs
+    (tmp_path / "dvc.lock").write_text("changed\n")
+    params = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params.replace("seed: 42", "seed: 1"))
+    assert provenance.uncommitted_changes() == ""
+    assert provenance.provenance_tags()["git.dirty"] == "false"
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.provenance_tags()["git.dirty"] == "true"
+
+
+def test_training_records_the_hash_of_the_data_it_used(prepared):
+    import mlflow
+
+    from mnist_pipeline import artifacts, train
+
+    processed = Path(prepared.paths.processed)
+    recorded = json.loads((processed / "manifest.json").read_text())["content_sha256"]
+    labels = np.load(processed / "y_train.npy")
+    np.save(processed / "y_train.npy", (labels + 1) % 10)  # replaced by hand after preprocess
+
+    train.train(prepared)
+    run_id = json.loads((Path(prepared.paths.models) / "run.json").read_text())["run_id"]
+    tag = mlflow.get_run(run_id).data.tags["data.content_sha256"]
+    assert tag == artifacts.recompute_hash(processed)
+    assert tag != recorded
+
+
+def test_noise_filter_keeps_real_errors(tmp_path):
+    """TensorFlow's CPU-only start-up noise goes; any other line on fd 2 stays."""
+    script = (
+        "import os\n"
+        "from mnist_pipeline import quiet\n"
+        "quiet.filter_native_stderr()\n"
+        "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\\n')\n"
+        "os.write(2, b'E0000 node_def_util.cc:682] NodeDef mentions attribute use_unbounded"
+        "_threadpool which is not in the op definition: Op<...>\\n')\n"
+        "os.write(2, b'E0000 real_op.cc:1] a real TensorFlow error\\n')\n"
+        "raise SystemExit('error: the last word')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_RAW_LOGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert "a real TensorFlow error" in result.stderr
+    assert "error: the last word" in result.stderr
+    assert "NodeDef" not in result.stderr
+    from mnist_pipeline.quiet import has_nvidia_driver, noise_patterns
+
+    assert ("cuInit" in result.stderr) == has_nvidia_driver()
+    # Where a GPU driver exists, a failing cuInit is a real problem and is shown.
+    assert not noise_patterns(gpu=True).search(b"failed call to cuInit: CUDA_ERROR")
+
+
+def test_make_help_lists_every_target():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(
+        [make, "-s", "help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
+    phony = next(
+        line
+        for line in (PROJECT_ROOT / "Makefile").read_text().splitlines()
+        if line.startswith(".PHONY:")
+    ).split()[1:]
+    for target in phony:
+        lines = [line for line in out.splitlines() if line.split()[:2] == ["make", target]]
+        assert len(lines) == 1, (target, out)
+        assert len(lines[0].split()) > 3  # a description, not just the name
+
+
+@pytest.mark.parametrize(
+    "module", ["params", "reproduce", "compare", "tracking_server", "download", "train"]
+)
+def test_every_cli_answers_help(module):
+    result = subprocess.run(
+        [sys.executable, "-m", f"mnist_pipeline.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower() or "Usage" in result.stdout
+    if module in ("download", "train"):
+        for part in ("Reads:", "Writes:", "Logs:", "Main keys:"):
+            assert part in result.stdout
+    if module == "train":
+        assert "models/" in result.stdout and "optimizer.learning_rate" in result.stdout
+
+
+def test_percent_encoded_file_url():
+    assert Mirror.parse("file:///srv/my%20work/mnist").location == "/srv/my work/mnist"
