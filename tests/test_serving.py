@@ -19,9 +19,21 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_pipeline import images, register, serving
+from mnist_pipeline import images, register, serving, tracking
+from mnist_pipeline.artifacts import MNIST_FILES, RUN_FILE
 from mnist_pipeline.errors import DataError
 from mnist_pipeline.idx import to_idx_bytes, write_idx
+from tests.helpers.config import compose_config, sha_overrides
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """A CLI's exit status as the shell sees it: ``main``'s return value, or the status of
+    the ``SystemExit`` that the shared error helper raises for an expected failure."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
 
 # --- the contract, without a model ------------------------------------------------------
 
@@ -117,8 +129,6 @@ def test_colour_and_transparency(tmp_path):
 
 
 def test_promotion_rule():
-    from tests.conftest import compose_config
-
     cfg = compose_config(["registry.max_gap=0.02", "registry.min_improvement=0.001"])
     champion = register.Version("1", "r1", test_accuracy=0.970, accuracy_gap=0.010)
     better = register.Version("2", "r2", test_accuracy=0.975, accuracy_gap=0.015)
@@ -230,8 +240,6 @@ def trained(tmp_path_factory):
     import mlflow
 
     from mnist_pipeline import download, evaluate, preprocess, train
-    from mnist_pipeline.config import MNIST_FILES
-    from tests.conftest import compose_config, sha_overrides
 
     root = tmp_path_factory.mktemp("serving")
     mirror, work = root / "mirror", root / "work"
@@ -291,9 +299,9 @@ def test_register_promote_and_refuse(in_project, capsys):
     assert register.main(loose) == 0  # same run again: same version
     assert "version 1 (alias candidate)" in capsys.readouterr().out
 
-    client = register._client()
+    client = tracking.client()
     mv = client.get_model_version_by_alias("mnist", "candidate")
-    run_id = json.loads((work / "models" / "run.json").read_text())["run_id"]
+    run_id = json.loads((work / "models" / RUN_FILE).read_text())["run_id"]
     assert mv.run_id == run_id and mv.tags["source_run_id"] == run_id
     assert float(mv.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     assert float(mv.tags["accuracy_gap"]) == pytest.approx(metrics["accuracy_gap"], abs=1e-6)
@@ -317,7 +325,7 @@ def test_register_promote_and_refuse(in_project, capsys):
     train.train(worse_cfg)
     worse = evaluate(worse_cfg)
     assert worse["test_accuracy"] < metrics["test_accuracy"]
-    worse_run = json.loads((work / "models-worse" / "run.json").read_text())["run_id"]
+    worse_run = json.loads((work / "models-worse" / RUN_FILE).read_text())["run_id"]
     assert register.main(["--run-id", worse_run, *loose]) == 0
     assert "version 2 (alias candidate)" in capsys.readouterr().out
     assert register.main(["--promote", *loose]) == 1
@@ -337,12 +345,12 @@ def test_register_promote_and_refuse(in_project, capsys):
 
 @pytest.mark.slow
 def test_register_errors(in_project, capsys, tmp_path, monkeypatch):
-    assert register.main(["--run-id", "0" * 32]) == 1
+    assert exit_code(register.main, ["--run-id", "0" * 32]) == 1
     assert "error: no run" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # no models/run.json here
-    assert register.main([]) == 1
+    assert exit_code(register.main, []) == 1
     assert "run the train stage first" in capsys.readouterr().err
-    assert register.main(["registry.max_gap=-1"]) == 1
+    assert exit_code(register.main, ["registry.max_gap=-1"]) == 1
     assert "registry.max_gap must be in [0, 1]" in capsys.readouterr().err
 
 
@@ -493,9 +501,9 @@ def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, trac
 
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
-    assert predict.main(["a.png"]) == 1
+    assert exit_code(predict.main, ["a.png"]) == 1
     assert "models/model.keras not found: run the train stage first" in capsys.readouterr().err
-    assert predict.main(["--model", "models:/mnist@champion", "a.png"]) == 1
+    assert exit_code(predict.main, ["--model", "models:/mnist@champion", "a.png"]) == 1
     # (MLflow's own INFO lines show in process; the CLI silences them: see docs/serving.md)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot load model models:/mnist@champion from sqlite:")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_pipeline import files
 from mnist_pipeline.config import load_config
@@ -23,13 +23,19 @@ from mnist_pipeline.errors import ConfigError, exit_on_error
 from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
 
 
-def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
-    """The YAML text DVC would write: conf/ composed, interpolations resolved."""
+def compose_config(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> DictConfig:
+    """conf/ composed with Hydra overrides, as a stage's ``@hydra.main`` would see it (for
+    commands that are not Hydra apps: this one, ``register``)."""
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides or [])
+            return compose(config_name="config", overrides=overrides or [])
     except HydraException as exc:  # an unknown group or key in the overrides
         raise ConfigError(str(exc)) from None
+
+
+def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
+    """The YAML text DVC would write: conf/ composed, interpolations resolved."""
+    cfg = compose_config(overrides, config_dir)
     OmegaConf.resolve(cfg)
     load_config(cfg)  # refuse to write a params.yaml that the stages would reject
     return OmegaConf.to_yaml(cfg)

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.artifacts import MODEL_FILE
+from mnist_pipeline.errors import PipelineError, exit_on_error
 
-DEFAULT_MODEL = "models/model.keras"
+DEFAULT_MODEL = f"models/{MODEL_FILE}"
 
 Classifier = Callable[[np.ndarray], Any]
 
@@ -39,13 +40,13 @@ def load_classifier(model: str) -> Classifier:
     from mnist_pipeline import serving
 
     if not is_uri(model):
-        from mnist_pipeline.model import load_model
+        from mnist_pipeline.artifacts import load_model_file
 
-        keras_model = load_model(model)
+        keras_model = load_model_file(model)
         return lambda x: serving.classify(keras_model, x)
     from mnist_pipeline import tracking
 
-    mlflow = tracking._mlflow()
+    mlflow = tracking.configured_mlflow()
     try:
         pyfunc = mlflow.pyfunc.load_model(model)
     except Exception as exc:  # MLflow raises many types for a missing or broken model
@@ -121,12 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     from mnist_pipeline.register import quiet_libraries
 
     quiet_libraries()
-    try:
+    with exit_on_error():
         classify = load_classifier(args.model)
         lines, errors = predict_files(args.paths, classify)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     for line in errors:
         print(line, file=sys.stderr)
     for line in lines:

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import tracking
+from mnist_pipeline import artifacts, tracking
 from mnist_pipeline.config import PipelineConfig
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, exit_on_error
+from mnist_pipeline.provenance import package_version
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,10 @@ class Version:
         )
 
 
-def _client() -> Any:
-    return tracking._mlflow().MlflowClient()
-
-
 def current_run_id(cfg: PipelineConfig) -> str:
     """The run whose model the pipeline holds now (written by the train stage)."""
-    from mnist_pipeline import files
-
-    path = Path(cfg.paths.models) / "run.json"
-    run_id = files.read_json(path, "train").get("run_id")
+    path = Path(cfg.paths.models) / artifacts.RUN_FILE
+    run_id = artifacts.read_run_ref(cfg.paths.models).get("run_id")
     if not isinstance(run_id, str) or not run_id:
         raise PipelineError(f"{path} names no run_id: re-run the train stage (dvc repro)")
     return run_id
@@ -120,11 +115,10 @@ def log_serving_model(run: Any) -> str:
 
     keras_model = tracking.load_logged_model(run.data.tags["model_uri"])
     requirements = [
-        f"{p}=={tracking._package_version(p)}"
-        for p in ("mlflow", "tensorflow", "keras", "numpy", "pandas")
+        f"{p}=={package_version(p)}" for p in ("mlflow", "tensorflow", "keras", "numpy", "pandas")
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        keras_file = Path(tmp) / "model.keras"
+        keras_file = Path(tmp) / artifacts.MODEL_FILE
         keras_model.save(keras_file)
         info = Model.log(
             artifact_path=None,
@@ -150,10 +144,10 @@ def example_input(images: Any, np: Any) -> Any:
 
 def find_version(name: str, run_id: str) -> Any | None:
     """The version already registered from ``run_id``, if any (registering is idempotent)."""
-    client = _client()
+    client = tracking.client()
     try:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except tracking._mlflow().exceptions.MlflowException:
+    except tracking.configured_mlflow().exceptions.MlflowException:
         return None
     return max(found, key=lambda v: int(v.version), default=None)
 
@@ -162,10 +156,10 @@ def register(cfg: PipelineConfig, run_id: str) -> Any:
     """Register ``run_id``'s model (once) and point the `candidate` alias at it."""
     run = check_run(run_id)
     name = cfg.registry.model_name
-    client = _client()
+    client = tracking.client()
     version = find_version(name, run_id)
     if version is None:
-        mlflow = tracking._mlflow()
+        mlflow = tracking.configured_mlflow()
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
@@ -200,8 +194,8 @@ def register(cfg: PipelineConfig, run_id: str) -> Any:
 
 def load_version(name: str, alias: str | None = None, number: str | None = None) -> Version | None:
     """A version by alias or number, with its metrics; None if the alias is not set."""
-    client = _client()
-    mlflow = tracking._mlflow()
+    client = tracking.client()
+    mlflow = tracking.configured_mlflow()
     try:
         if number is not None:
             mv = client.get_model_version(name, number)
@@ -267,7 +261,7 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
             "(--force promotes it anyway)"
         )
         return False
-    client = _client()
+    client = tracking.client()
     client.set_registered_model_alias(name, CHAMPION, candidate.number)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     how = "forced over: " + "; ".join(objections) if objections else "by the rule"
@@ -306,17 +300,10 @@ def quiet_libraries() -> None:
 
 def load_cfg(overrides: list[str]) -> PipelineConfig:
     """conf/ composed with Hydra overrides (``registry.max_gap=0.05``) and validated."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from mnist_pipeline.config import load_config
+    from mnist_pipeline.params import compose_config
 
-    from mnist_pipeline.config import CONF_DIR, load_config
-    from mnist_pipeline.errors import ConfigError
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return load_config(compose(config_name="config", overrides=overrides))
-    except HydraException as exc:
-        raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+    return load_config(compose_config(overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.force or args.version) and not args.promote:
         parser.error("--force and --version go with --promote")
     quiet_libraries()
-    try:
+    with exit_on_error():
         cfg = load_cfg(args.overrides)
         if args.promote:
             return 0 if promote(cfg, args.version, args.force) else 1
@@ -348,9 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_id = args.run_id or current_run_id(cfg)
         mv = register(cfg, run_id)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     tags = mv.tags
     print(
         f"registered: run {run_id} is {cfg.registry.model_name} version {mv.version} "
