@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup repro exps test test-fast lint params ui server bench
+.PHONY: help setup repro exps test test-fast lint params ui server serve bench
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
@@ -72,6 +72,12 @@ params: setup
 ui: setup
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--host 127.0.0.1 --port 5000
+
+## Serve the registered champion model (docs/serving.md): POST to http://127.0.0.1:5001/invocations
+serve: setup
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		mlflow models serve -m "models:/$${MODEL:-mnist@champion}" --env-manager local \
+		--host 127.0.0.1 --port $${PORT:-5001}
 
 ## A shared MLflow tracking server: runs in PostgreSQL, artifacts stored and served by the
 ## server (docs/operations.md). Settings: MLFLOW_BACKEND_STORE_URI,

@@ -143,9 +143,14 @@ def save_model(model: keras.Model, folder: Path) -> None:
 
 def load_model(folder: str | Path) -> keras.Model:
     """Load the saved model in Keras safe mode (no arbitrary code from the file is run)."""
+    return load_model_file(Path(folder) / MODEL_FILE)
+
+
+def load_model_file(path: str | Path) -> keras.Model:
+    """Load any ``.keras`` file the way ``load_model`` does (``predict --model FILE``)."""
     import keras
 
-    path = files.require(Path(folder) / MODEL_FILE, "train")
+    path = files.require(Path(path), "train")
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive

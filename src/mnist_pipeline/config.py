@@ -170,6 +170,29 @@ class TrackingConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The model registry: the registered model and the rule that promotes a candidate to
+    champion (``python -m mnist_pipeline.register --promote``). Defaults let configs composed
+    before this group existed (an old params.yaml) still load."""
+
+    model_name: str = "mnist"
+    #: The candidate's test accuracy must exceed the champion's by more than this.
+    min_improvement: float = 0.0
+    #: ... and its train-test accuracy gap must be at most this.
+    max_gap: float = 0.03
+
+    def check(self) -> None:
+        _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty", "")
+        _check(
+            self.min_improvement >= 0,
+            "registry.min_improvement",
+            "must be >= 0",
+            self.min_improvement,
+        )
+        _check(0 <= self.max_gap <= 1, "registry.max_gap", "must be in [0, 1]", self.max_gap)
+
+
+@dataclass
 class PathsConfig:
     """Where stages read and write, relative to the working directory (the repository root
     when DVC runs the stages; dvc.yaml interpolates these)."""
@@ -187,6 +210,7 @@ class PipelineConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = MISSING
     #: The schema version ``params.yaml`` was composed for; in ``conf/`` it is

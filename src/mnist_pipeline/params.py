@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_pipeline import files
@@ -33,13 +33,19 @@ from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
 CHECK_STAMP = "data/params.ok"
 
 
-def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
-    """The YAML text DVC would write: conf/ composed, interpolations resolved."""
+def compose_config(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> DictConfig:
+    """conf/ composed with Hydra overrides, as a stage's ``@hydra.main`` would see it (for
+    commands that are not Hydra apps: this one, ``register``)."""
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides or [])
+            return compose(config_name="config", overrides=overrides or [])
     except HydraException as exc:  # an unknown group or key, or a value the schema refuses
         raise ConfigError(describe(exc)) from None
+
+
+def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
+    """The YAML text DVC would write: conf/ composed, interpolations resolved."""
+    cfg = compose_config(overrides, config_dir)
     load_config(cfg)  # refuse to write a params.yaml that the stages would reject
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,510 @@
+"""From a run to a prediction: the serving contract, picture formatting, the registry with its
+promotion rule, `predict` on real PNG files, and a real `mlflow models serve` over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from mnist_pipeline import images, register, serving, tracking
+from mnist_pipeline.artifacts import MNIST_FILES, RUN_FILE
+from mnist_pipeline.errors import DataError
+from mnist_pipeline.idx import to_idx_bytes, write_idx
+from tests.helpers.config import compose_config, sha_overrides
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """A CLI's exit status as the shell sees it: ``main``'s return value, or the status of
+    the ``SystemExit`` that the shared error helper raises for an expected failure."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+# --- the contract, without a model ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (np.full((1, 784), 255.0), "divide them by 255"),
+        (np.full((2, 784), -0.5), "must be in [0, 1]"),
+        (np.full((1, 784), np.nan), "finite"),
+        (np.zeros((1, 28, 28)), "shape (n, 784)"),
+        (np.zeros((1, 783)), "shape (n, 784)"),
+        ([["a"] * 784], "must be numbers"),
+    ],
+)
+def test_contract_refuses_inputs_outside_it(bad, says):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as caught:
+        serving.check_pixels(bad)
+    assert says in caught.value.message
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_contract_output_names_the_digit():
+    p = np.full((2, 10), 0.01)
+    p[0, 7], p[1, 3] = 0.91, 0.91
+    out = serving.summarize(p)
+    assert out["digit"].tolist() == [7, 3]
+    assert out["probability"].tolist() == pytest.approx([0.91, 0.91])
+    assert len(out["probabilities"][0]) == 10
+
+
+# --- pictures -> MNIST format ---------------------------------------------------------
+
+
+def draw_digit(digit: int, size: int, ink: int, paper: int, shape=(200, 140), at=(30, 10)):
+    """A digit drawn with Pillow's own font: any size, position and colour."""
+    canvas = Image.new("L", shape[::-1], paper)
+    font = ImageFont.load_default(size=size)
+    ImageDraw.Draw(canvas).text(at, str(digit), fill=ink, font=font, stroke_width=size // 14)
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def test_to_mnist_makes_the_format_mnist_was_made_in():
+    """Dark ink on light paper, large and off centre -> white on black, the longer side 20
+    pixels, the centre of mass in the middle of 28x28, values in [0, 1]."""
+    out = images.to_mnist(draw_digit(7, size=120, ink=30, paper=230, at=(5, 40)))
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert out.min() == 0.0 and out.max() == pytest.approx(1.0, abs=0.01)
+    assert out[0].sum() == 0 and out[:, 0].sum() == 0  # background is black: inverted
+    rows, cols = np.nonzero(out)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == 20
+    cy, cx = (np.indices(out.shape) * out).sum(axis=(1, 2)) / out.sum()
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+    # The same digit white on black, smaller, elsewhere: nearly the same picture.
+    other = images.to_mnist(draw_digit(7, size=60, ink=255, paper=0, at=(40, 90)))
+    assert np.abs(out - other).mean() < 0.08
+
+
+def test_to_mnist_keeps_an_mnist_digit_as_it_is():
+    """A digit already in MNIST's format (fitted, centred) comes back nearly unchanged."""
+    once = images.to_mnist(draw_digit(4, size=80, ink=255, paper=0))
+    twice = images.to_mnist(once)
+    assert np.abs(once - twice).max() < 0.15
+
+
+def test_load_image_refuses_what_is_not_a_picture(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(DataError, match="not an image"):
+        images.load_image(text)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (50, 50), "white").save(blank)
+    with pytest.raises(DataError, match="no digit found"):
+        images.image_to_pixels(blank)
+
+
+def test_colour_and_transparency(tmp_path):
+    """A blue digit on transparent background and the same digit black on white agree."""
+    grey = draw_digit(2, size=90, ink=255, paper=0)
+    alpha = Image.fromarray(np.round(grey * 255).astype(np.uint8))
+    rgba = Image.new("RGBA", alpha.size, (0, 0, 255, 0))
+    rgba.putalpha(alpha)
+    rgba.save(tmp_path / "blue.png")
+    Image.fromarray(np.round((1 - grey) * 255).astype(np.uint8)).save(tmp_path / "plain.jpg")
+    a = images.image_to_pixels(tmp_path / "blue.png")
+    b = images.image_to_pixels(tmp_path / "plain.jpg")
+    assert np.abs(a - b).mean() < 0.05
+
+
+# --- the promotion rule ---------------------------------------------------------------
+
+
+def test_promotion_rule():
+    cfg = compose_config(["registry.max_gap=0.02", "registry.min_improvement=0.001"])
+    champion = register.Version("1", "r1", test_accuracy=0.970, accuracy_gap=0.010)
+    better = register.Version("2", "r2", test_accuracy=0.975, accuracy_gap=0.015)
+    assert register.decide(better, champion, cfg) == []
+    assert register.decide(better, None, cfg) == []
+    barely = register.Version("3", "r3", test_accuracy=0.9705, accuracy_gap=0.01)
+    assert "does not beat" in register.decide(barely, champion, cfg)[0]
+    overfit = register.Version("4", "r4", test_accuracy=0.99, accuracy_gap=0.05)
+    assert "exceeds registry.max_gap" in register.decide(overfit, champion, cfg)[0]
+    worse = register.Version("5", "r5", test_accuracy=0.96, accuracy_gap=0.05)
+    assert len(register.decide(worse, champion, cfg)) == 2
+
+
+# --- end to end on tiny, learnable data -------------------------------------------------
+
+TRAIN_N, TEST_N = 500, 100
+
+
+def rendered_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tiny MNIST-format data a small network learns in seconds: digits drawn with
+    Pillow's font at random sizes, positions, strokes and slants, then formatted as MNIST
+    was (``images.to_mnist``)."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    out = np.empty((n, 28, 28), dtype=np.uint8)
+    for i, digit in enumerate(labels):
+        canvas = Image.new("L", (64, 64), 0)
+        font = ImageFont.load_default(size=int(rng.integers(28, 48)))
+        at = (int(rng.integers(4, 20)), int(rng.integers(0, 12)))
+        ImageDraw.Draw(canvas).text(
+            at, str(digit), fill=255, font=font, stroke_width=int(rng.integers(1, 3))
+        )
+        canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR)
+        formatted = images.to_mnist(np.asarray(canvas, dtype=np.float32) / 255.0)
+        out[i] = np.round(formatted * 255).astype(np.uint8)
+    return out, labels
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ScoringServer:
+    """``mlflow models serve`` for a model URI, on a free loopback port, stopped by close()."""
+
+    def __init__(self, model_uri: str, env: dict, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+        command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", port, "-w", "1"]
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            self._wait(timeout_s=240)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited:\n{self.log.read_text()[-3000:]}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/ping", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"not up in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def post(self, body: bytes | str, content_type="application/json") -> tuple[int, str]:
+        data = body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(
+            self.url + "/invocations", data=data, headers={"Content-Type": content_type}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # uvicorn workers outliving the leader
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A pipeline run on rendered digits, in process, with a fresh SQLite store: returns
+    (working folder, the store's URI, the config, the evaluate stage's metrics)."""
+    import mlflow
+
+    from mnist_pipeline import download, evaluate, preprocess, train
+
+    root = tmp_path_factory.mktemp("serving")
+    mirror, work = root / "mirror", root / "work"
+    mirror.mkdir()
+    work.mkdir()
+    arrays = dict(
+        zip(("train_images", "train_labels"), rendered_digits(TRAIN_N, seed=1), strict=True)
+    )
+    arrays.update(zip(("test_images", "test_labels"), rendered_digits(TEST_N, 2), strict=True))
+    sha = {}
+    for key, array in arrays.items():
+        write_idx(mirror / MNIST_FILES[key], array)
+        import hashlib
+
+        sha[key] = hashlib.sha256(to_idx_bytes(array)).hexdigest()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MNIST_MIRROR", str(mirror))
+        mp.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", ())
+        mlflow.set_tracking_uri(uri)
+        cfg = compose_config([*sha_overrides(sha), "train.epochs=15", "model.units=64"])
+        download.download(cfg)
+        preprocess.preprocess(cfg)
+        train.train(cfg)
+        metrics = evaluate.evaluate(cfg)
+        yield work, uri, cfg, metrics, arrays
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def in_project(trained, monkeypatch):
+    """This test runs in the trained project's folder, against its store."""
+    import mlflow
+
+    work, uri = trained[0], trained[1]
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield trained
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_register_promote_and_refuse(in_project, capsys):
+    """register -> candidate; promote with no champion; a worse model is refused, and only
+    --force promotes it; registering the same run twice gives the same version."""
+    from mnist_pipeline import train
+    from mnist_pipeline.evaluate import evaluate
+
+    work, _, cfg, metrics, _ = in_project
+    loose = ["registry.max_gap=1.0"]  # tiny data: the gap is not what this test is about
+    assert register.main(loose) == 0
+    out = capsys.readouterr().out
+    assert "registered: run" in out and "version 1 (alias candidate)" in out
+    assert register.main(loose) == 0  # same run again: same version
+    assert "version 1 (alias candidate)" in capsys.readouterr().out
+
+    client = tracking.client()
+    mv = client.get_model_version_by_alias("mnist", "candidate")
+    run_id = json.loads((work / "models" / RUN_FILE).read_text())["run_id"]
+    assert mv.run_id == run_id and mv.tags["source_run_id"] == run_id
+    assert float(mv.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert float(mv.tags["accuracy_gap"]) == pytest.approx(metrics["accuracy_gap"], abs=1e-6)
+    run = client.get_run(run_id)
+    assert mv.tags["data_sha256"] == run.data.tags["data.content_sha256"]
+    assert mv.tags["git_commit"] == run.data.tags["git.commit"]
+    assert run.info.status == "FINISHED"  # logging the serving model did not reopen it
+
+    assert register.main(["--promote", *loose]) == 0
+    out = capsys.readouterr().out
+    assert "promoted: version 1 is champion: no champion yet" in out
+    assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
+
+    # A worse model: one epoch, in another folder so the first stays the pipeline's model.
+    import dataclasses
+
+    paths = dataclasses.replace(cfg.paths, models="models-worse", reports="reports-worse")
+    worse_cfg = dataclasses.replace(
+        cfg, paths=paths, train=dataclasses.replace(cfg.train, epochs=1)
+    )
+    train.train(worse_cfg)
+    worse = evaluate(worse_cfg)
+    assert worse["test_accuracy"] < metrics["test_accuracy"]
+    worse_run = json.loads((work / "models-worse" / RUN_FILE).read_text())["run_id"]
+    assert register.main(["--run-id", worse_run, *loose]) == 0
+    assert "version 2 (alias candidate)" in capsys.readouterr().out
+    assert register.main(["--promote", *loose]) == 1
+    out = capsys.readouterr().out
+    assert "refused: version 2 stays candidate" in out and "does not beat" in out
+    assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
+
+    assert register.main(["--promote", "--force", *loose]) == 0
+    assert "promoted (forced): version 2" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("mnist", "champion").version) == "2"
+    assert "forced over" in client.get_model_version("mnist", "2").tags["promoted"]
+    # Roll back to version 1: it beats the champion, so the rule allows it.
+    assert register.main(["--promote", "--version", "1", *loose]) == 0
+    assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_register_errors(in_project, capsys, tmp_path, monkeypatch):
+    assert exit_code(register.main, ["--run-id", "0" * 32]) == 1
+    assert "error: no run" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # no models/run.json here
+    assert exit_code(register.main, []) == 1
+    assert "run the train stage first" in capsys.readouterr().err
+    assert exit_code(register.main, ["registry.max_gap=-1"]) == 1
+    assert "registry.max_gap must be in [0, 1]" in capsys.readouterr().err
+
+
+def write_pngs(folder: Path, arrays: dict, count: int) -> dict[str, int]:
+    """Test images as the files a user has: 3x larger, dark on light, in colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for i in range(count):
+        ink = 255 - arrays["test_images"][i]
+        picture = Image.fromarray(ink).resize((84, 84), Image.Resampling.BICUBIC)
+        coloured = Image.merge("RGB", (picture, picture, picture.point(lambda v: v // 2 + 128)))
+        path = folder / f"test-{i:03d}.png"
+        coloured.save(path)
+        expected[str(path)] = int(arrays["test_labels"][i])
+    return expected
+
+
+def run_cli(module: str, *args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"mnist_pipeline.{module}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_predict_png_files_gets_the_labels(in_project, tmp_path, capsys):
+    """PNG files made from test images: `predict` names their digits as the evaluate stage
+    did; a file that is not a picture gets an error line, the others still run, exit 1."""
+    from mnist_pipeline import predict
+
+    _, _, _, metrics, arrays = in_project
+    expected = write_pngs(tmp_path / "pngs", arrays, 30)
+    (tmp_path / "pngs" / "readme.txt").write_text("not a picture")
+    code = predict.main([str(tmp_path / "pngs"), str(tmp_path / "missing.png")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"error: {tmp_path / 'pngs' / 'readme.txt'}: not an image" in captured.err
+    assert f"error: {tmp_path / 'missing.png'}: no such file" in captured.err
+    got = {}
+    for line in captured.out.splitlines():
+        name, digit, probability = line.split(" ")
+        got[name] = int(digit)
+        assert 0.0 <= float(probability) <= 1.0
+    assert set(got) == set(expected)
+    right = np.mean([got[k] == v for k, v in expected.items()])
+    assert right >= min(0.9, metrics["test_accuracy"] - 0.05), (right, metrics)
+
+
+@pytest.mark.slow
+def test_serve_champion_over_http(in_project, tmp_path):
+    """run -> register -> promote -> `mlflow models serve` -> HTTP: answers match the
+    evaluate stage's predictions and `predict --model models:/mnist@champion`; inputs
+    outside the contract get 400s with a reason."""
+    work, uri, _, metrics, arrays = in_project
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        # `mlflow models serve` starts `uvicorn` from PATH: the project's environment's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    loose = "registry.max_gap=1.0"
+    result = run_cli("register", loose, env=env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("register", "--promote", loose, env=env, cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is champion" in result.stdout or "already the champion" in result.stdout
+
+    x_test = np.load(work / "data/processed/x_test.npy")
+    pngs = tmp_path / "pngs"
+    expected = write_pngs(pngs, arrays, 10)
+    from_files = np.stack([images.image_to_pixels(p) for p in sorted(expected)])
+    with (work / "reports/test_predictions.csv").open() as f:
+        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+    server = ScoringServer("models:/mnist@champion", env, tmp_path / "serve.log")
+    try:
+        status, body = server.post(json.dumps({"inputs": x_test.tolist()}))
+        assert status == 200, body
+        answers = json.loads(body)["predictions"]
+        assert [a["digit"] for a in answers] == evaluated
+        labels = arrays["test_labels"]
+        served_accuracy = np.mean([a["digit"] == y for a, y in zip(answers, labels, strict=True)])
+        assert served_accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+        for a in answers:
+            assert a["probability"] == pytest.approx(max(a["probabilities"]))
+            assert sum(a["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        status, body = server.post(json.dumps({"instances": from_files.tolist()}))
+        assert status == 200, body
+        served_files = [a["digit"] for a in json.loads(body)["predictions"]]
+
+        bad = {
+            "0-255 pixels": ({"inputs": (x_test[:1] * 255).tolist()}, "divide them by 255"),
+            "28x28": ({"inputs": x_test[:1].reshape(1, 28, 28).tolist()}, "(-1, 784)"),
+            "783 values": ({"inputs": x_test[:1, :783].tolist()}, "(-1, 784)"),
+            "strings": ({"inputs": [["white"] * 784]}, "could not convert"),
+            "NaN": ('{"inputs": [[NaN' + ", 0" * 783 + "]]}", "finite"),
+            "negative": ({"inputs": (x_test[:1] - 1).tolist()}, "must be in [0, 1]"),
+            "no data": ({"pixels": [0] * 784}, "instances"),
+        }
+        for what, (payload, says) in bad.items():
+            body = payload if isinstance(payload, str) else json.dumps(payload)
+            status, answer = server.post(body)
+            assert status == 400, (what, status, answer[:500])
+            assert says in json.loads(answer)["message"], (what, answer[-800:])
+    finally:
+        server.close()
+
+    # The same files through `predict` (a real CLI run) on the same model: the same digits.
+    result = run_cli("predict", "--model", "models:/mnist@champion", str(pngs), env=env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [name for name, _, _ in lines] == sorted(expected)
+    assert [int(digit) for _, digit, _ in lines] == served_files
+
+
+def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
+    """A sweep registers its job with the highest test accuracy (ties: the smaller gap);
+    unfinished jobs and other sweeps' jobs are not candidates."""
+    from mlflow import MlflowClient
+
+    from mnist_pipeline import tracking
+
+    client = MlflowClient()
+    experiment = tracking.ensure_experiment("mnist")
+
+    def job(sweep: str, accuracy: float, gap: float, status: str = "FINISHED") -> str:
+        tags = {"stage": "train", "sweep_id": sweep}
+        run = client.create_run(experiment, tags=tags)
+        for key, value in {"test_accuracy": accuracy, "accuracy_gap": gap}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    job("s1", 0.95, 0.01)
+    tie_bigger_gap = job("s1", 0.97, 0.03)
+    best = job("s1", 0.97, 0.02)
+    job("s1", 0.99, 0.0, status="FAILED")
+    job("s2", 0.995, 0.0)
+    assert register.best_sweep_run("s1") == best != tie_bigger_gap
+
+
+def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):
+    from mnist_pipeline import predict
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    assert exit_code(predict.main, ["a.png"]) == 1
+    assert "models/model.keras not found: run the train stage first" in capsys.readouterr().err
+    assert exit_code(predict.main, ["--model", "models:/mnist@champion", "a.png"]) == 1
+    # (MLflow's own INFO lines show in process; the CLI silences them: see docs/serving.md)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load model models:/mnist@champion from sqlite:")
+    assert "Registered Model with name=mnist not found" in last
