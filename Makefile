@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup repro exps test test-fast lint params ui server serve bench
+.PHONY: help setup repro exps test test-fast lint params ui screenshots server serve bench
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
@@ -68,10 +68,16 @@ bench: setup
 params: setup
 	python -m mnist_pipeline.params
 
-## Browse the runs: http://127.0.0.1:5000 (local only; docs/operations.md shares it).
+## Compare the runs in MLflow's UI: prints the address to open (docs/mlflow-ui.md).
+## PORT=5001 for another port; HOST=0.0.0.0 UI_ARGS="--allowed-hosts ..." to share it.
+PORT ?= 5000
+HOST ?= 127.0.0.1
 ui: setup
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-		--host 127.0.0.1 --port 5000
+	python -m mnist_pipeline.ui --host "$(HOST)" --port "$(PORT)" $(UI_ARGS)
+
+## Regenerate the pictures in docs/mlflow-ui/ (the browser test, a few minutes).
+screenshots: $(ALL_STAMP)
+	MNIST_SCREENSHOTS="$(CURDIR)/docs/mlflow-ui" python -m pytest tests/test_ui.py -k browser
 
 ## Serve the registered champion model (docs/serving.md): POST to http://127.0.0.1:5001/invocations
 serve: setup

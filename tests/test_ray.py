@@ -154,7 +154,7 @@ def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
 
     from mnist_pipeline import sweep_runs
 
-    parent = sweep_runs.open_parent(tmp_path, "mnist", "x", "model.units=16,32")
+    parent = sweep_runs.open_parent(tmp_path, "mnist", "x", ["model.units=16,32"], "sweep x")
     client = mlflow.MlflowClient()
     opened = client.create_run(
         client.get_experiment_by_name("mnist").experiment_id,

@@ -93,7 +93,8 @@ def reproduce(run_id: str, output_dir: Path) -> dict:
             "`dvc checkout` at the run's commit"
         )
 
-    job = tracking.JobContext(tags={"reproduces": run_id})
+    name = f"reproduce {original.info.run_name or run_id}"
+    job = tracking.JobContext(tags={"reproduces": run_id, "pipeline_run": name})
     result = run_pipeline(cfg, output_dir, job=job)
     new_run = artifacts.read_run_ref(output_dir / "models")["run_id"]
     new = tracking.get_run(new_run)

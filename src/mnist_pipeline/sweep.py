@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_pipeline import compare, sweep_runs, tracking
+from mnist_pipeline import compare, sweep_runs, tracking, ui
 from mnist_pipeline.config import load_config
 from mnist_pipeline.errors import PipelineError, exit_on_error
 from mnist_pipeline.runner import ensure_processed, run_pipeline
@@ -47,9 +47,13 @@ class SweepCallback(Callback):
             ensure_processed(load_config(_task_config(config)))
         except PipelineError as exc:  # a sweep may fix the base config; jobs will report
             log.warning("data not prepared before the sweep: %s", exc)
-        sweep_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        arguments = " ".join(config.hydra.overrides.task)
-        parent = sweep_runs.open_parent(sweep_dir, experiment, sweep_id, arguments)
+        started = datetime.now()
+        sweep_id = f"{started:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        overrides = list(config.hydra.overrides.task)
+        # Named by when it started and what it sweeps (the overrides with a list or range).
+        swept = " ".join(o for o in overrides if any(c in o for c in ",()"))
+        name = f"sweep {started:%m-%d %H:%M:%S}" + (f": {swept}" if swept else "")
+        parent = sweep_runs.open_parent(sweep_dir, experiment, sweep_id, overrides, name)
         log.info("sweep %s: MLflow parent run %s", sweep_id, parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -68,6 +72,7 @@ class SweepCallback(Callback):
                 log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
             finally:
                 sweep_runs.close_parent(info["parent_run_id"], bool(failed), outputs)
+        ui.try_refresh_view(info["experiment"])  # the params this sweep varied become columns
         log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
         if failed:
             with exit_on_error():

@@ -11,45 +11,55 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import tracking
+from mnist_pipeline import run_names, tracking
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.provenance import provenance_tags
 
 SWEEP_FILE = "mlflow_sweep.json"
 
 
-def open_parent(sweep_dir: Path, experiment: str, sweep_id: str, overrides: str) -> str:
-    """Open the sweep's parent run, without making it the process's active run (in the basic
-    launcher the jobs run in this same process and open runs of their own); record its ids in
-    the sweep folder. Returns the parent's run id."""
+def open_parent(
+    sweep_dir: Path, experiment: str, sweep_id: str, overrides: list[str], name: str
+) -> str:
+    """Open the sweep's parent run, named ``name``, without making it the process's active run
+    (in the basic launcher the jobs run in this same process and open runs of their own);
+    record its ids and the sweep's overrides in the sweep folder. Returns the parent's run
+    id."""
     run = tracking.client().create_run(
         tracking.ensure_experiment(experiment),
-        run_name=f"sweep-{sweep_id}",
+        run_name=name[: run_names.MAX_LENGTH],
         # Not tagged sweep_id: filtering on that tag returns exactly the sweep's jobs.
         tags={
             "sweep_parent": sweep_id,
             "sweep_role": "parent",
-            "sweep_overrides": overrides,
+            "sweep_overrides": " ".join(overrides),
             **provenance_tags(),
         },
     )
-    info = {"parent_run_id": run.info.run_id, "sweep_id": sweep_id, "experiment": experiment}
+    info = {
+        "parent_run_id": run.info.run_id,
+        "sweep_id": sweep_id,
+        "experiment": experiment,
+        "overrides": overrides,
+    }
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
     return run.info.run_id
 
 
-def read_sweep(sweep_dir: str | Path) -> dict[str, str]:
+def read_sweep(sweep_dir: str | Path) -> dict[str, Any]:
     """The sweep's MLflow ids, as ``open_parent`` wrote them."""
     return json.loads((Path(sweep_dir).resolve() / SWEEP_FILE).read_text())
 
 
-def job_context(info: dict[str, str], job_num: int, overrides: list[str]) -> tracking.JobContext:
-    """What makes a job's training run a child of the sweep: the parent and the tags."""
-    name = f"{info['sweep_id']}-job{job_num}"
+def job_context(info: dict[str, Any], job_num: int, overrides: list[str]) -> tracking.JobContext:
+    """What makes a job's training run a child of the sweep: the parent, the tags, and its
+    name: the overrides of its own (``run_names.job_name``)."""
+    name = run_names.job_name(overrides, info.get("overrides", []), job_num)
     tags = {
         "sweep_id": info["sweep_id"],
         "sweep_job": str(job_num),
         "sweep_job_name": name,
+        "pipeline_run": name,
         "sweep_overrides": " ".join(overrides),
     }
     return tracking.JobContext(parent_run_id=info["parent_run_id"], tags=tags, run_name=name)

@@ -23,6 +23,7 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
+from mnist_pipeline import run_names
 from mnist_pipeline.config import PipelineConfig, flatten
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import project_root
@@ -101,6 +102,10 @@ def client() -> mlflow.MlflowClient:
     return configured_mlflow().MlflowClient()
 
 
+#: MLflow's own record of what an experiment is for: model training, not GenAI development.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(name: str) -> str:
     """Create the experiment (and so the database) if needed; return its id.
 
@@ -118,7 +123,7 @@ def ensure_experiment(name: str) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return store.create_experiment(name, artifact_location=location)
+        return store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         return store.get_experiment_by_name(name).experiment_id
@@ -151,7 +156,9 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Open (or, with ``run_id``, reopen) a run in the configured experiment.
 
-    A new run gets the stage name, provenance tags, ``job``'s parent and tags, and
+    A new run gets a name that says which pipeline run it belongs to (``run_names``; the
+    ``pipeline_run`` tag holds it for filtering, ``job`` may set it), the stage name,
+    provenance tags, ``job``'s parent and tags, and
     ``params`` (by default the whole flattened config). An exception inside the block ends
     the run as FAILED, with the error in the ``error`` tag.
     """
@@ -163,12 +170,13 @@ def start_run(
             yield run
         return
     job = job or JobContext()
+    pipeline_run = job.tags.get("pipeline_run") or run_names.pipeline_run_name()
     with (
         mlflow.start_run(
             experiment_id=experiment_id,
-            run_name=job.run_name or stage,
+            run_name=job.run_name or run_names.run_name(stage, pipeline_run),
             parent_run_id=job.parent_run_id,
-            tags={"stage": stage, **provenance_tags(), **job.tags},
+            tags={"stage": stage, "pipeline_run": pipeline_run, **provenance_tags(), **job.tags},
         ) as run,
         _record_error(mlflow),
     ):
