@@ -1,7 +1,7 @@
 """Compare runs: a table of the params that differ and the train/test gap, and a picture.
 
-    python -m mnist_pipeline.compare                      # the latest sweep
-    python -m mnist_pipeline.compare --sweep-id 20261129-041200-ab12cd
+    python -m mnist_pipeline.compare                      # the latest sweep (--sweep latest)
+    python -m mnist_pipeline.compare --sweep 20261129-041200-ab12cd
     python -m mnist_pipeline.compare --experiment mnist --filter "params.model.units = '512'"
     python -m mnist_pipeline.compare --sort accuracy_gap --markdown t.md --csv t.csv --plot g.png
 
@@ -21,6 +21,8 @@ from mnist_pipeline import files, sweep_runs, tracking
 from mnist_pipeline.errors import PipelineError, exit_on_error
 
 HEADLINE = ["fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"]
+#: Shown when the runs have them: an Optuna study's validation accuracy and objective.
+SEARCH_METRICS = ["val_accuracy", "objective"]
 
 
 def select_runs(
@@ -61,16 +63,22 @@ def varying_params(runs: list[Any]) -> list[str]:
     )
 
 
-def runs_table(
-    runs: list[Any], sort: str = "test_accuracy", ascending: bool = False
-) -> pd.DataFrame:
-    """One row per run: name, the varying params, headline metrics and duration."""
+def runs_table(runs: list[Any], sort: str | None = None, ascending: bool = False) -> pd.DataFrame:
+    """One row per run: name, the varying params, headline metrics and duration. Sorted by
+    ``sort``; by default the best first: an Optuna study's trials by its objective, other
+    runs by test accuracy."""
     params = varying_params(runs)
+    metrics = HEADLINE + [m for m in SEARCH_METRICS if any(m in r.data.metrics for r in runs)]
+    if sort is None:
+        sort, ascending = "test_accuracy", False
+        if "objective" in metrics:
+            directions = {r.data.tags.get("optuna_direction") for r in runs}
+            sort, ascending = "objective", directions == {"minimize"}
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.info.run_name}
         row.update({p: _number(run.data.params.get(p)) for p in params})
-        row.update({m: run.data.metrics.get(m) for m in HEADLINE})
+        row.update({m: run.data.metrics.get(m) for m in metrics})
         end = run.info.end_time or run.info.start_time
         row["duration_s"] = round((end - run.info.start_time) / 1000, 1)
         row["run_id"] = run.info.run_id
@@ -93,18 +101,39 @@ def _number(value: str | None) -> Any:
     return value
 
 
+def _float_format(column: pd.Series) -> str:
+    """Four decimals, or scientific notation for a column of tiny values (an L2 factor of
+    1e-6 would show as 0.0000)."""
+    values = pd.to_numeric(column, errors="coerce").abs()
+    tiny = values[(values > 0) & values.notna()]
+    return ".2e" if len(tiny) and tiny.max() < 1e-2 else ".4f"
+
+
+def _formatter(spec: str) -> Any:
+    return lambda value: format(value, spec)
+
+
 def to_text(table: pd.DataFrame) -> str:
-    return table.drop(columns="run_id").to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    table = table.drop(columns="run_id")
+    formatters = {
+        c: _formatter(_float_format(table[c]))
+        for c in table.columns
+        if pd.api.types.is_float_dtype(table[c])
+    }
+    return table.to_string(index=False, formatters=formatters)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    return table.drop(columns="run_id").to_markdown(index=False, floatfmt=".4f")
+    table = table.drop(columns="run_id")
+    formats = [_float_format(table[c]) for c in table.columns]
+    return table.to_markdown(index=False, floatfmt=formats)
 
 
 def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     """Left: train and test accuracy per run (against the swept param when there is just
     one). Right: the per-epoch training accuracy of every run, overlaid."""
-    params = [c for c in table.columns if c not in {"run", "run_id", "duration_s", *HEADLINE}]
+    shown = {"run", "run_id", "duration_s", *HEADLINE, *SEARCH_METRICS}
+    params = [c for c in table.columns if c not in shown]
     fig, (left, right) = files.pyplot().subplots(1, 2, figsize=(12, 4.5), dpi=100)
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
         ordered = table.sort_values(params[0])
@@ -166,15 +195,25 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--sweep-id", help="runs of this sweep (default: the latest sweep)")
+    parser.add_argument(
+        "--sweep",
+        "--sweep-id",
+        dest="sweep_id",
+        metavar="ID",
+        help="runs of this sweep, or `latest` (the default): the latest sweep or Optuna study",
+    )
     parser.add_argument("--experiment", help="runs of this MLflow experiment")
     parser.add_argument("--filter", default="", help="an MLflow filter string")
-    parser.add_argument("--sort", default="test_accuracy", help="column to sort by")
+    parser.add_argument(
+        "--sort", help="column to sort by (default: a study's objective, else test_accuracy)"
+    )
     parser.add_argument("--ascending", action="store_true")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--plot", type=Path, help="write the gap picture (PNG) here")
     args = parser.parse_args(argv)
+    if args.sweep_id == "latest":
+        args.sweep_id = None
     with exit_on_error(expected=(PipelineError, OSError)):
         runs = select_runs(args.sweep_id, args.experiment, args.filter)
         table = runs_table(runs, args.sort, args.ascending)

@@ -73,6 +73,8 @@ def evaluate(cfg: PipelineConfig) -> dict:
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
         "accuracy_gap": train_metrics["train_accuracy"] - test_accuracy,
+        # With data.val_split > 0: the held-out part of the training set (what searches use).
+        **{k: train_metrics[k] for k in ("val_accuracy", "val_loss") if k in train_metrics},
     }
     result = {k: round(v, 6) for k, v in headline.items()}
     per_class_report = {

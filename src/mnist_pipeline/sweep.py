@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from datetime import datetime
@@ -60,6 +61,7 @@ class SweepCallback(Callback):
         info = sweep_runs.read_sweep(config.hydra.sweep.dir)
         children = sweep_runs.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
+        fatal = sweep_runs.sweep_failed(info, len(children), len(failed))
         with tempfile.TemporaryDirectory() as tmp:
             outputs: list[Path] = []
             try:
@@ -71,15 +73,17 @@ class SweepCallback(Callback):
             except PipelineError as exc:  # no finished job: nothing to compare
                 log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
             finally:
-                sweep_runs.close_parent(info["parent_run_id"], bool(failed), outputs)
+                sweep_runs.close_parent(info["parent_run_id"], fatal, outputs)
         ui.try_refresh_view(info["experiment"])  # the params this sweep varied become columns
         log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
-        if failed:
+        if fatal:
             with exit_on_error():
                 raise PipelineError(
                     f"{len(failed)} of {len(children)} sweep jobs failed:\n"
                     + "\n".join(f"  {sweep_runs.describe_failure(r)}" for r in failed)
                 )
+        for run in failed:  # a search's failed trials: reported, not fatal
+            print(f"warning: {sweep_runs.describe_failure(run)}", file=sys.stderr)
 
 
 def job_threads(launcher: DictConfig) -> int | None:

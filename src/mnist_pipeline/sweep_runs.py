@@ -8,6 +8,7 @@ sweep folder; each job (possibly another process or machine) reads them from the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.provenance import provenance_tags
 
 SWEEP_FILE = "mlflow_sweep.json"
+#: On a parent run that a resumed study reopened: when (ms), so "the latest sweep" is it.
+RESUMED_TAG = "sweep_resumed_ms"
 
 
 def open_parent(
@@ -42,13 +45,49 @@ def open_parent(
         "experiment": experiment,
         "overrides": overrides,
     }
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+    write_sweep(sweep_dir, info)
     return run.info.run_id
 
 
 def read_sweep(sweep_dir: str | Path) -> dict[str, Any]:
-    """The sweep's MLflow ids, as ``open_parent`` wrote them."""
+    """The sweep's MLflow ids, as ``open_parent`` (or ``resume_parent``) wrote them."""
     return json.loads((Path(sweep_dir).resolve() / SWEEP_FILE).read_text())
+
+
+def write_sweep(sweep_dir: str | Path, info: dict[str, Any]) -> None:
+    (Path(sweep_dir).resolve() / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+
+
+def resume_parent(sweep_dir: str | Path, parent_run_id: str, sweep_id: str) -> dict | None:
+    """Make this sweep continue an earlier one (a resumed Optuna study): its parent run is
+    reopened and the jobs become its children, and the parent ``open_parent`` just opened is
+    deleted. None (nothing changed) when the earlier parent is no longer there."""
+    info = read_sweep(sweep_dir)
+    if not tracking.reopen_run(parent_run_id):
+        return None
+    tracking.set_run_tags(parent_run_id, {RESUMED_TAG: int(time.time() * 1000)})
+    tracking.delete_run(info["parent_run_id"])
+    info.update(parent_run_id=parent_run_id, sweep_id=sweep_id)
+    write_sweep(sweep_dir, info)
+    return info
+
+
+def job_run(parent_run_id: str, job_num: int) -> Any | None:
+    """The run of a sweep's job, by its number (None if the job never recorded one)."""
+    for run in child_runs(parent_run_id):
+        if run.data.tags.get("sweep_job") == str(job_num):
+            return run
+    return None
+
+
+def sweep_failed(info: dict[str, Any], n_jobs: int, n_failed: int) -> bool:
+    """Whether the sweep as a whole failed. A plain sweep fails if any job did; a search
+    (``info["study"]``, set by ``mnist_pipeline.search``) expects some trials to fail (a
+    diverging learning rate, say) and fails only when none finished."""
+    if not n_failed:
+        return False
+    return not info.get("study") or n_failed == n_jobs
+
 
 
 def job_context(info: dict[str, Any], job_num: int, overrides: list[str]) -> tracking.JobContext:
@@ -149,17 +188,18 @@ def close_parent(parent_run_id: str, failed: bool, artifacts: list[Path]) -> Non
 
 
 def latest_sweep_id() -> str:
-    """The id of the sweep started last, in any experiment of the store."""
+    """The id of the sweep started (or resumed) last, in any experiment of the store."""
     parents = tracking.configured_mlflow().search_runs(
         search_all_experiments=True,
         filter_string="tags.sweep_role = 'parent'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
         output_format="list",
     )
     if not parents:
         raise PipelineError("no sweep found in the store; run one or pass --experiment")
-    return parents[0].data.tags["sweep_parent"]
+    # A resumed Optuna study continues its first call's parent run: it counts from when it
+    # was resumed.
+    latest = max(parents, key=lambda r: int(r.data.tags.get(RESUMED_TAG, 0)) or r.info.start_time)
+    return latest.data.tags["sweep_parent"]
 
 
 def jobs_filter(sweep_id: str) -> str:

@@ -253,6 +253,38 @@ def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
         store.set_tag(run_id, key, str(value))
 
 
+def log_metric_to(run_id: str, key: str, value: float, step: int = 0) -> None:
+    """Log a metric to a run this process did not open (a sweep's parent, a finished job)."""
+    client().log_metric(run_id, key, float(value), step=step)
+
+
+def reopen_run(run_id: str) -> bool:
+    """Mark a finished run RUNNING again, owned by this process (a resumed study's parent);
+    False if it is gone. A run still open by a live process is refused."""
+    mlflow = configured_mlflow()
+    store = mlflow.MlflowClient()
+    try:
+        run = store.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    if run.info.lifecycle_stage != "active":
+        return False
+    host, pid = run.data.tags.get("process.host"), int(run.data.tags.get("process.pid", "0"))
+    if run.info.status == "RUNNING" and (host != socket.gethostname() or _alive(pid)):
+        raise ConfigError(
+            f"run {run_id} is still open by process {pid} on {host}: wait for it to end "
+            "(or stop it) first"
+        )
+    store.update_run(run_id, status="RUNNING")
+    store.set_tag(run_id, "process.pid", str(os.getpid()))
+    store.set_tag(run_id, "process.host", socket.gethostname())
+    return True
+
+
+def delete_run(run_id: str) -> None:
+    client().delete_run(run_id)
+
+
 # --- what goes into the active run ------------------------------------------------------
 
 

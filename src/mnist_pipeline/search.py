@@ -1,0 +1,306 @@
+"""Hyperparameter search: what the project's Optuna sweeper needs to know about this project.
+
+The sweeper (``src/hydra_plugins/mnist_optuna_sweeper.py``) is Hydra and Optuna mechanics:
+it asks Optuna for trials, launches them and tells Optuna the results. This module holds the
+project's side of a study: which number a job's metrics reduce to (the objective, never a
+test-set metric), where the study is stored (beside the MLflow store), and what the study's
+MLflow parent run gets (best trial, Optuna's figures). The parent and child runs themselves
+are the sweep machinery's (``mnist_pipeline.sweep_runs``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline import sweep_runs, tracking
+from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.project import project_root
+
+log = logging.getLogger(__name__)
+
+#: Metrics measured on the test set: choosing hyperparameters by them would make the reported
+#: test accuracy optimistic, so an objective may not use them.
+TEST_METRICS = ("test_", "accuracy_gap", "per_class_accuracy")
+#: What an objective may use: the training and validation metrics every job returns.
+OBJECTIVE_METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "fit_accuracy")
+#: Where a study's Optuna storage goes when ``hydra.sweeper.storage`` is not set.
+STORAGE_ENV = "OPTUNA_STORAGE"
+STORAGE_FILE = "optuna.db"
+#: The Optuna study's link to its MLflow parent run, kept in the study (so a resumed study
+#: adds its trials to the same parent).
+PARENT_ATTR = "mlflow_parent_run_id"
+SWEEP_ATTR = "mlflow_sweep_id"
+OBJECTIVE_ATTR = "objective"
+
+_NODES = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.USub,
+    ast.UAdd,
+)
+
+
+class MissingMetric(ConfigError):
+    """A finished job did not return a metric the objective needs: every trial would fail."""
+
+
+class Objective:
+    """The number a trial is judged by: a job's metric (``val_accuracy``) or arithmetic over
+    its metrics (``val_accuracy - 0.5 * (train_accuracy - val_accuracy)``).
+
+    Only metric names, numbers, ``+ - * /`` and parentheses are accepted, so evaluating it
+    runs nothing else; test-set metrics are refused."""
+
+    def __init__(self, expression: str) -> None:
+        self.expression = str(expression).strip()
+        try:
+            tree = ast.parse(self.expression, mode="eval")
+        except SyntaxError:
+            raise ConfigError(
+                f"hydra.sweeper.objective={expression!r} is not an expression"
+            ) from None
+        for node in ast.walk(tree):
+            if not isinstance(node, _NODES) or (
+                isinstance(node, ast.Constant) and not isinstance(node.value, int | float)
+            ):
+                raise ConfigError(
+                    f"hydra.sweeper.objective={expression!r}: only metric names, numbers, "
+                    "+ - * / and parentheses are allowed"
+                )
+        self.names = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)})
+        if not self.names:
+            raise ConfigError(f"hydra.sweeper.objective={expression!r} names no metric")
+        leaks = [n for n in self.names if n.startswith(TEST_METRICS)]
+        if leaks:
+            raise ConfigError(
+                f"hydra.sweeper.objective={expression!r} uses test-set metrics "
+                f"({', '.join(leaks)}): choosing hyperparameters by them makes the test "
+                "accuracy optimistic; use validation metrics (val_accuracy, val_loss) with "
+                "data.val_split > 0"
+            )
+        unknown = [n for n in self.names if n not in OBJECTIVE_METRICS]
+        if unknown:
+            raise ConfigError(
+                f"hydra.sweeper.objective={expression!r}: unknown metric {', '.join(unknown)} "
+                f"(metrics: {', '.join(OBJECTIVE_METRICS)})"
+            )
+        self._code = compile(tree, "<objective>", "eval")
+
+    def __call__(self, metrics: dict[str, Any]) -> float:
+        missing = [n for n in self.names if not isinstance(metrics.get(n), int | float)]
+        if missing:
+            hint = ""
+            if any(n.startswith("val_") for n in missing):
+                hint = " (validation metrics need data.val_split > 0)"
+            raise MissingMetric(
+                f"the objective {self.expression!r} needs {', '.join(missing)}, which the "
+                f"job did not return{hint}; it returned: {', '.join(sorted(metrics))}"
+            )
+        try:
+            value = eval(self._code, {"__builtins__": {}}, {n: metrics[n] for n in self.names})
+        except ZeroDivisionError:
+            return math.nan
+        return float(value)
+
+    def check_config(self, val_split: Any) -> None:
+        """Fail before any trial when the objective needs a validation set there is none of."""
+        needs_val = any(n.startswith("val_") for n in self.names)
+        if needs_val and isinstance(val_split, int | float) and val_split <= 0:
+            raise ConfigError(
+                f"the objective {self.expression!r} is measured on a validation split, but "
+                "data.val_split=0: set it (e.g. 0.1), as hparams_search=mnist_optuna does"
+            )
+
+
+def storage_url(storage: str | None) -> str:
+    """The study's Optuna storage: as configured, else ``$OPTUNA_STORAGE``, else a SQLite
+    file beside the MLflow store (``optuna.db`` next to ``mlflow.db``), else (a tracking
+    server) one in the project folder."""
+    url = storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        uri = tracking.tracking_uri()
+        folder = project_root()
+        if uri.startswith("sqlite:///"):
+            folder = Path(uri.removeprefix("sqlite:///")).parent
+        url = f"sqlite:///{folder / STORAGE_FILE}"
+    url = str(url)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        raise ConfigError(
+            f"Optuna storage {url} is relative to the working directory; use an absolute "
+            "path (sqlite:////abs/path/optuna.db)"
+        )
+    if "://" not in url:
+        raise ConfigError(
+            f"Optuna storage {url!r} is not a database URL (sqlite:////abs/path/optuna.db "
+            "or postgresql+psycopg://user@host/db)"
+        )
+    return url
+
+
+def shown_url(url: str) -> str:
+    """The storage URL without its password, for logs and tags."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def check_study(study: Any, direction: str, objective: Objective) -> None:
+    """Refuse to resume a study towards another goal: its earlier trials' values would mean
+    something else (Optuna itself ignores the direction of a study it loads)."""
+    if study.direction.name.lower() != direction:
+        raise ConfigError(
+            f"study {study.study_name!r} was created to {study.direction.name.lower()} its "
+            f"objective, not {direction}: use another hydra.sweeper.study_name"
+        )
+    previous = study.user_attrs.get(OBJECTIVE_ATTR)
+    if previous is None:
+        study.set_user_attr(OBJECTIVE_ATTR, objective.expression)
+    elif previous != objective.expression:
+        raise ConfigError(
+            f"study {study.study_name!r} optimises {previous!r}, not {objective.expression!r}: "
+            "use another hydra.sweeper.study_name"
+        )
+
+
+def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
+    """Tie the study to one MLflow parent run: a new study keeps this sweep's parent; a
+    resumed one takes back the parent of its first call (if it is still in the store), so
+    all its trials are children of one run."""
+    info = sweep_runs.read_sweep(sweep_dir)
+    # Runs a crashed earlier call left RUNNING (its parent, its last trial) end KILLED first.
+    tracking.close_dead_runs(tracking.ensure_experiment(info["experiment"]))
+    previous = study.user_attrs.get(PARENT_ATTR)
+    if previous and previous != info["parent_run_id"]:
+        resumed = sweep_runs.resume_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
+        if resumed is not None:
+            log.info("study %s resumed: MLflow parent run %s", study.study_name, previous)
+            return mark_study(sweep_dir, resumed, study.study_name)
+        log.warning("the study's MLflow parent run %s is gone; using a new one", previous)
+    study.set_user_attr(PARENT_ATTR, info["parent_run_id"])
+    study.set_user_attr(SWEEP_ATTR, info["sweep_id"])
+    return mark_study(sweep_dir, info, study.study_name)
+
+
+def mark_study(sweep_dir: str | Path, info: dict[str, str], study_name: str) -> dict[str, str]:
+    """Record in the sweep's file that it runs a study (``sweep_runs.sweep_failed`` then lets
+    some trials fail without failing the whole sweep)."""
+    info = {**info, "study": study_name}
+    sweep_runs.write_sweep(sweep_dir, info)
+    return info
+
+
+def record_trial(trial: Any, parent_run_id: str, value: float | None, metrics: dict) -> None:
+    """Before the trial is told: put its number, state and objective on its MLflow run, and
+    the run's id and its validation and test metrics on the Optuna trial (what the best
+    trial's report shows)."""
+    for key in ("val_accuracy", "test_accuracy", "accuracy_gap", "train_accuracy"):
+        if isinstance(metrics.get(key), int | float):
+            trial.set_user_attr(key, float(metrics[key]))
+    run = sweep_runs.job_run(parent_run_id, trial.number)
+    if run is None:
+        return
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    tags = {
+        "trial_number": trial.number,
+        "optuna_study": trial.study.study_name,
+        "optuna_direction": trial.study.direction.name.lower(),
+        "optuna_state": "COMPLETE" if value is not None else "FAIL",
+    }
+    tracking.set_run_tags(run.info.run_id, tags)
+    if value is not None:
+        tracking.log_metric_to(run.info.run_id, "objective", value)
+
+
+def report_study(study: Any, info: dict[str, str], objective: Objective, storage: str) -> dict:
+    """The study's summary on its parent run: best trial (params as tags, value and its test
+    metrics as metrics), Optuna's optimisation-history and importance figures, and
+    ``optuna_best.json``. Returns the summary (also written by the sweeper to the sweep dir)."""
+    import optuna
+
+    states = [t.state for t in study.trials]
+    done = optuna.trial.TrialState
+    summary: dict[str, Any] = {
+        "study_name": study.study_name,
+        "storage": shown_url(storage),
+        "direction": study.direction.name.lower(),
+        "objective": objective.expression,
+        "n_trials": len(states),
+        "n_complete": states.count(done.COMPLETE),
+        "n_failed": states.count(done.FAIL),
+    }
+    parent = info["parent_run_id"]
+    tags = {f"optuna_{k}": v for k, v in summary.items() if isinstance(v, str)}
+    step = summary["n_trials"]
+    metrics = {"n_trials_complete": summary["n_complete"], "n_trials_failed": summary["n_failed"]}
+    if summary["n_complete"]:
+        best = study.best_trial
+        summary.update(
+            best_trial=best.number,
+            best_value=best.value,
+            best_params=best.params,
+            best_run_id=best.user_attrs.get("mlflow_run_id"),
+            best_metrics={k: v for k, v in best.user_attrs.items() if k != "mlflow_run_id"},
+        )
+        tags.update(best_trial=best.number, best_run_id=summary["best_run_id"] or "unknown")
+        tags.update({f"best.{k}": v for k, v in best.params.items()})
+        metrics["best_value"] = best.value
+        metrics.update({f"best_{k}": v for k, v in summary["best_metrics"].items()})
+    tracking.set_run_tags(parent, tags)
+    for key, value in metrics.items():
+        tracking.log_metric_to(parent, key, value, step=step)
+    with tempfile.TemporaryDirectory() as tmp:
+        best_file = Path(tmp) / "optuna_best.json"
+        best_file.write_text(json.dumps(summary, indent=2, default=str))
+        store = tracking.client()
+        for path in [best_file, *write_figures(study, Path(tmp), objective.expression)]:
+            store.log_artifact(parent, str(path))
+    return summary
+
+
+def write_figures(study: Any, folder: Path, target_name: str) -> list[Path]:
+    """Optuna's own optimisation-history and parameter-importance figures, as PNG. A figure
+    Optuna cannot draw (importances need two finished trials that differ) is skipped."""
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from mnist_pipeline import files
+
+    files.pyplot()  # the non-interactive backend, before Optuna imports pyplot
+    written = []
+    figures = {
+        "optimization_history.png": optuna_plots.plot_optimization_history,
+        "param_importances.png": optuna_plots.plot_param_importances,
+    }
+    for name, draw in figures.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study, target_name=target_name)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.warning("no %s: %s", name, exc)
+            continue
+        figure = axes.figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        files.save_figure(figure, folder / name)
+        written.append(folder / name)
+    return written
