@@ -89,7 +89,6 @@ def sweep_failed(info: dict[str, Any], n_jobs: int, n_failed: int) -> bool:
     return not info.get("study") or n_failed == n_jobs
 
 
-
 def job_context(info: dict[str, Any], job_num: int, overrides: list[str]) -> tracking.JobContext:
     """What makes a job's training run a child of the sweep: the parent, the tags, and its
     name: the overrides of its own (``run_names.job_name``)."""
