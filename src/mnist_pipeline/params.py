@@ -30,7 +30,8 @@ def compose_config(overrides: list[str] | None = None, config_dir: str = CONF_DI
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             return compose(config_name="config", overrides=overrides or [])
     except HydraException as exc:  # an unknown group or key in the overrides
-        raise ConfigError(str(exc)) from None
+        # Hydra's message spans lines (the fix on the second): keep the error to one line.
+        raise ConfigError(" ".join(str(exc).split())) from None
 
 
 def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:
