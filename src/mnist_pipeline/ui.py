@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     # 0.0.0.0 is where it listens, not an address to open.
     reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     shown = f"http://{reach}:{args.port}"
+    # The store is created or migrated here, before the server starts: two processes
+    # initialising one fresh SQLite store at once make one of them fail
+    # ("table _alembic_tmp_experiments already exists").
+    with exit_on_error():
+        experiment_id = prepare(args.experiment, store)
     server = subprocess.Popen(
         server_command(store, args.host, args.port, extra),
         env={**os.environ, **FAST_START_ENV},
@@ -233,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with exit_on_error():
-            experiment_id = prepare(args.experiment, store)  # while the server starts
             wait_until_up(server, url, args.timeout)
         print(
             f"\nMLflow UI for {store}\nCompare the runs here (Ctrl-C stops it):\n\n"
