@@ -23,8 +23,8 @@ from hydra_plugins.mnist_optuna_sweeper import (
     trial_overrides,
 )
 from mnist_pipeline import search
-from mnist_pipeline.config import CONF_DIR
 from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.project import CONF_DIR
 
 STUDY = ("hparams_search=mnist_optuna", "train.epochs=1")
 #: conf/hparams_search/mnist_optuna.yaml's space, as the trials' MLflow params show it.
