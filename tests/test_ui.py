@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mnist_pipeline import run_names, ui
 from mnist_pipeline.params import compose_params
+from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
 from tests.helpers.workspace import copy_project, git_commit
 
@@ -129,17 +129,6 @@ def test_a_busy_port_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 # --- the browser test -----------------------------------------------------------------------
-
-
-def edit_yaml(path: Path, **values) -> None:
-    data = yaml.safe_load(path.read_text())
-    for dotted, value in values.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
