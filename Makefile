@@ -68,10 +68,10 @@ bench: setup
 params: setup
 	python -m mnist_pipeline.params
 
-## Compare the runs in MLflow's UI: prints the address to open (docs/mlflow-ui.md).
-## PORT=5001 for another port; HOST=0.0.0.0 UI_ARGS="--allowed-hosts ..." to share it.
 PORT ?= 5000
 HOST ?= 127.0.0.1
+## Compare the runs in MLflow's UI: prints the address to open (docs/mlflow-ui.md).
+## PORT=5001 for another port; HOST=0.0.0.0 UI_ARGS="--allowed-hosts ..." to share it.
 ui: setup
 	python -m mnist_pipeline.ui --host "$(HOST)" --port "$(PORT)" $(UI_ARGS)
 
@@ -85,9 +85,9 @@ serve: setup
 		mlflow models serve -m "models:/$${MODEL:-mnist@champion}" --env-manager local \
 		--host 127.0.0.1 --port $${PORT:-5001}
 
-## A shared MLflow tracking server: runs in PostgreSQL, artifacts stored and served by the
-## server (docs/operations.md). Settings: MLFLOW_BACKEND_STORE_URI,
-## MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
+## A shared MLflow tracking server on PostgreSQL (docs/operations.md).
+## Runs in PostgreSQL, artifacts stored and served by the server. Settings:
+## MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
 server: $(SERVER_STAMP)
 	python -m mnist_pipeline.tracking_server
 
