@@ -268,9 +268,8 @@ def test_parallel_study_then_resumed_with_more_trials(study, capsys):
     assert compare.main(["--sweep", "latest"]) == 0
     rows = capsys.readouterr().out.splitlines()
     best = optuna_study.best_value
-    tops = {f"-job{t.number}" for t in optuna_study.trials if t.value == best}  # ties
-    first = rows[1].split()[0]
-    assert len(rows) == 7 and first[first.index("-job") :] in tops
+    tops = {runs[t.number].info.run_name for t in optuna_study.trials if t.value == best}  # ties
+    assert len(rows) == 7 and any(rows[1].strip().startswith(name) for name in tops), rows[:2]
 
 
 def seed_sampling_both(key: str, values: tuple, n_trials: int, overrides: list[str]) -> int:
