@@ -128,6 +128,33 @@ def test_a_busy_port_is_a_one_line_error(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()  # nothing written for a server never started
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a database" * 300, "file is not a database"),  # a damaged or foreign file
+        (b"", None),  # an empty file is a fresh store: it starts
+    ],
+)
+def test_a_store_the_server_cannot_open_is_a_one_line_error(tmp_path, content, reason):
+    store = tmp_path / "dir with space" / "mlflow.db"
+    store.parent.mkdir()
+    store.write_bytes(content)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    server = UiServer(env, free_port(), tmp_path / "ui.log")
+    try:
+        if reason is None:
+            assert "workflowType=machine_learning" in server.address(timeout_s=300)
+            return
+        server.process.wait(timeout=300)
+    finally:
+        server.close()
+    err = (tmp_path / "ui.log").read_text()
+    assert server.process.returncode == 1
+    assert err.startswith("error: mlflow server exited with status 1: " + reason), err
+    assert len(err.strip().splitlines()) == 1, err  # no traceback
+    assert store.read_bytes() == content  # left as it was
+
+
 # --- the browser test -----------------------------------------------------------------------
 
 

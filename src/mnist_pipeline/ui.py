@@ -17,7 +17,11 @@ Three things make the page useful, and each is MLflow's own mechanism:
 - A quick start. ``mlflow ui`` starts four web workers and, by default, a job runner with
   several Huey consumers (for GenAI evaluation jobs); on two busy cores that takes from 15 s
   to minutes. One person's browser needs one worker and no jobs: ``--workers 1`` and
-  ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, both documented MLflow settings.
+  ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, both documented MLflow settings. The server
+  is started first, and this process imports MLflow while the server does (two cores, two
+  imports at once); the store is prepared once the server answers: ``mlflow server``
+  creates or migrates the store before it starts answering, and two processes migrating
+  one fresh SQLite store at once make one of them fail.
 
 Any other option goes to ``mlflow server`` as it is. With ``MLFLOW_TRACKING_URI`` pointing at
 a tracking server, nothing is started: the view is set there and its address printed.
@@ -29,10 +33,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -133,6 +139,12 @@ def prepare(experiment_name: str, store: str) -> str:
         raise PipelineError(f"cannot use the MLflow store {store}: {first}") from None
 
 
+def import_mlflow() -> None:
+    """Import what ``prepare`` uses (MLflow's client and SQL store: seconds of imports)."""
+    import mlflow
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def address(base_url: str, experiment_id: str) -> str:
     """The page where a person compares runs: the experiment's runs tab, as a model-training
     experiment, with the project's view. The runs tab itself, not the experiment, is named:
@@ -170,11 +182,57 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def wait_until_up(process: subprocess.Popen, url: str, timeout_s: float) -> None:
+#: A traceback's last line: ``package.module.SomeError: message`` (SQLAlchemy adds the
+#: driver's exception in brackets: ``(sqlite3.DatabaseError) file is not a database``).
+_EXCEPTION_LINE = re.compile(
+    r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\w*: (?:\([\w.]+\) )?(?P<message>.+)$"
+)
+
+
+class ServerOutput:
+    """The server's output: held back until it answers, then passed on to stderr (its request
+    log). A server that dies before answering (a store it cannot open, an option it does not
+    know) has printed a traceback; what the user gets is its last line, the reason."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.held: list[str] = []
+        self.passing = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            if self.passing.is_set():
+                sys.stderr.write(line)
+            else:
+                self.held.append(line)
+
+    def pass_on(self) -> None:
+        self.passing.set()
+
+    def reason(self) -> str:
+        """The message of the last exception the server printed before it died, without
+        the exception's class (``mlflow.exceptions.MlflowException: x`` -> ``x``), else its
+        last line."""
+        self.thread.join(timeout=5)
+        lines = [line.rstrip() for line in self.held if line.strip()]
+        for line in reversed(lines):
+            match = _EXCEPTION_LINE.match(line)
+            if match:
+                return match["message"]
+        return lines[-1].strip() if lines else "it printed nothing"
+
+
+def wait_until_up(
+    process: subprocess.Popen, url: str, timeout_s: float, output: ServerOutput, store: str
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise PipelineError(f"mlflow server exited with status {process.returncode}")
+            raise PipelineError(
+                f"mlflow server exited with status {process.returncode}: {output.reason()} "
+                f"(store {store})"
+            )
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
                 if response.status == 200:
@@ -225,25 +283,28 @@ def main(argv: list[str] | None = None) -> int:
     # 0.0.0.0 is where it listens, not an address to open.
     reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     shown = f"http://{reach}:{args.port}"
-    # The store is created or migrated here, before the server starts: two processes
-    # initialising one fresh SQLite store at once make one of them fail
-    # ("table _alembic_tmp_experiments already exists").
-    with exit_on_error():
-        experiment_id = prepare(args.experiment, store)
     server = subprocess.Popen(
         server_command(store, args.host, args.port, extra),
         env={**os.environ, **FAST_START_ENV},
         cwd=PROJECT_ROOT,
         start_new_session=True,  # stopped as a group: the server and its worker
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    output = ServerOutput(server)
     try:
+        import_mlflow()  # while the server imports it too
         with exit_on_error():
-            wait_until_up(server, url, args.timeout)
+            wait_until_up(server, url, args.timeout, output, store)
+            # Not before: the server creates or migrates a fresh store (see the docstring).
+            experiment_id = prepare(args.experiment, store)
         print(
             f"\nMLflow UI for {store}\nCompare the runs here (Ctrl-C stops it):\n\n"
             f"    {address(shown, experiment_id)}\n",
             flush=True,
         )
+        output.pass_on()
         server.wait()
         return server.returncode
     except KeyboardInterrupt:
