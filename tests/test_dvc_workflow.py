@@ -13,10 +13,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline.params import compose_params
 from mnist_pipeline.project import PROJECT_ROOT
 from tests.helpers.config import edit_yaml
-from tests.helpers.workspace import copy_project, git_commit
+from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
 
@@ -51,24 +50,8 @@ def dvc(args: list[str], repo: Path, env: dict, ok: bool = True) -> subprocess.C
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_mirror):
     folder, sha = tiny_mirror
-    tmp_path = tmp_path_factory.mktemp("dvc workflow")  # a path with a space
-    repo = copy_project(tmp_path / "repo", commit=False)
-    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
-    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
-    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
-    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
-    env = {
-        **os.environ,
-        "MNIST_MIRROR": str(folder),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
+    repo, env = tiny_dvc_project(tmp_path_factory.mktemp("dvc workflow"), folder, sha)  # a space
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the stages' own log settings, as a user gets them
-    git_commit(repo, env)
     first = dvc(["dvc", "repro"], repo, env)
     git_commit(repo, env, message="results")  # reports/ committed, as in the real repository
     return repo, env, first.stdout + first.stderr

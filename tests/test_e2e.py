@@ -1,18 +1,14 @@
 """The whole pipeline through real DVC and real MLflow, in a temporary copy of the project."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline.params import compose_params
-from tests.helpers.config import edit_yaml
-from tests.helpers.workspace import copy_project, git_commit
+from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,25 +24,7 @@ def project(tmp_path_factory, tiny_mirror):
     """A git repository holding the project, set up for tiny data and a 1-epoch training,
     after one `dvc repro` (shared by this module's tests, which run in order)."""
     folder, sha = tiny_mirror
-    tmp_path = tmp_path_factory.mktemp("e2e")
-    repo = copy_project(tmp_path / "repo", commit=False)
-    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
-    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
-    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
-    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
-
-    env = {
-        **os.environ,
-        "MNIST_MIRROR": str(folder),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        # `dvc exp run` makes commits of its own: it needs an identity.
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    git_commit(repo, env)
+    repo, env = tiny_dvc_project(tmp_path_factory.mktemp("e2e"), folder, sha)
     first = run(["dvc", "repro"], repo, env)
     return repo, env, first
 

@@ -3,11 +3,15 @@ benchmark run `dvc repro` in, so they never touch the real workspace, its data o
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+from mnist_pipeline.params import compose_params
 from mnist_pipeline.project import PROJECT_ROOT
+from tests.helpers.config import edit_yaml
 
 #: What a copy needs to run the pipeline (uncommitted edits included).
 PROJECT_FILES = (
@@ -44,3 +48,29 @@ def git_commit(repo: Path, env: dict[str, str] | None = None, message: str = "co
         ["git", *identity, "commit", "-qm", message],
     ):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+
+
+def tiny_dvc_project(
+    tmp_path: Path, mirror: Path, sha: dict[str, str]
+) -> tuple[Path, dict[str, str]]:
+    """A git repository under ``tmp_path`` holding the project set up for the tiny data set
+    (``mirror``, with its ``sha`` checksums) and a 1-epoch, 32-unit training, committed; and
+    the environment to run `dvc` in there: the tiny mirror, a store of its own, this
+    interpreter's tools first on PATH, a git identity (`dvc exp run` makes commits)."""
+    repo = copy_project(tmp_path / "repo", commit=False)
+    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
+    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
+    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
+    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
+    env = {
+        **os.environ,
+        "MNIST_MIRROR": str(mirror),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    git_commit(repo, env)
+    return repo, env
