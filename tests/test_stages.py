@@ -195,3 +195,25 @@ def test_early_stopping_ends_training_early(prepared, tiny_mirror):
     history = (Path(cfg.paths.reports) / "train_history.csv").read_text().splitlines()
     assert history[0].split(",") == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
     assert len(history) - 1 == metrics["epochs_run"]
+
+
+@pytest.mark.parametrize("l2, dropout", [(0.0, 0.0), (1e-3, 0.3)])
+def test_evaluate_one_pass_loss_is_keras_evaluate_bit_for_bit(l2, dropout):
+    """evaluate takes test_loss from its one predict pass; it must be exactly the number
+    model.evaluate gives (the L2 penalty included, a last batch smaller than the others)."""
+    from mnist_pipeline.model import build_model, seed_everything
+
+    cfg = compose_config([f"model.l2={l2}", f"model.dropout={dropout}", "model.units=64"])
+    seed_everything(0)
+    model = build_model(cfg.model, cfg.optimizer)
+    rng = np.random.default_rng(0)
+    x = rng.random((2500, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 2500).astype(np.uint8)
+    model.fit(x[:500], np.eye(10)[y[:500]], epochs=1, verbose=0)  # weights off their init
+    for batch_size in (1024, 7):
+        probabilities, loss = evaluate.predict_with_loss(model, x, y, batch_size)
+        expected, _ = model.evaluate(x, np.eye(10)[y], batch_size=batch_size, verbose=0)
+        assert loss == expected  # bit for bit, not approximately
+        np.testing.assert_array_equal(
+            probabilities, model.predict(x, batch_size=batch_size, verbose=0)
+        )
