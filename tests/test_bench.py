@@ -1,0 +1,52 @@
+"""The benchmark's baseline environment stays what the issue asks: TensorFlow, Keras and
+NumPy alone, pinned exactly as uv.lock pins them (bench/tf_requirements.py)."""
+
+import importlib.util
+import shutil
+import tomllib
+
+import pytest
+
+from mnist_pipeline.project import PROJECT_ROOT
+
+spec = importlib.util.spec_from_file_location(
+    "tf_requirements", PROJECT_ROOT / "bench/tf_requirements.py"
+)
+tf_requirements = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tf_requirements)
+
+COMMITTED = (PROJECT_ROOT / "bench/requirements-tf.txt").read_text()
+
+
+def test_pins_are_uv_lock_s_versions():
+    lock = tomllib.loads((PROJECT_ROOT / "uv.lock").read_text())
+    locked = {(tf_requirements._normal(p["name"]), p["version"]) for p in lock["package"]}
+    pins = tf_requirements.pins(COMMITTED)
+    assert pins <= locked, pins - locked
+    names = {name for name, _ in pins}
+    assert {"tensorflow", "keras", "numpy"} <= names
+    # What the stages' environment adds, and the baseline must not have.
+    assert not names & {"mlflow", "pandas", "scikit-learn", "scipy", "matplotlib", "pyarrow"}
+    assert "--hash=sha256:" in COMMITTED
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv not on PATH")
+def test_committed_file_is_up_to_date_with_uv_lock():
+    """A dependency bump in uv.lock must come with a regenerated baseline (make bench does
+    it; this catches a commit that forgot)."""
+    wanted = tf_requirements.requirements(
+        (PROJECT_ROOT / "uv.lock").read_text(), tf_requirements.exported()
+    )
+    assert wanted == COMMITTED
+
+
+def test_closure_follows_dependencies_and_extras():
+    lock = {
+        "package": [
+            {"name": "a", "version": "1", "dependencies": [{"name": "b", "extra": ["x"]}]},
+            {"name": "b", "version": "2", "optional-dependencies": {"x": [{"name": "c"}]}},
+            {"name": "c", "version": "3"},
+            {"name": "d", "version": "4"},
+        ]
+    }
+    assert tf_requirements.closure(lock, ("a",)) == {"a", "b", "c"}
