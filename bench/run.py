@@ -285,6 +285,9 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the 4-job sweeps")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
+    # Absolute (the commands run in the copy), but not resolved: a venv's python is a link to
+    # the base interpreter, and resolving it would leave the venv.
+    args.baseline_python = Path(os.path.abspath(args.baseline_python))
     if not args.baseline_python.exists():
         raise SystemExit(
             f"error: no baseline environment at {args.baseline_python}; run `make bench`, "
