@@ -7,7 +7,8 @@ builds it from bench/requirements-tf.txt), not in the project's ``.venv``.
 Measures, each several times (median and spread): the baseline script, each stage alone
 (download, preprocess, train with the same hyperparameters, evaluate), a full `dvc repro`
 from an empty cache and empty outputs, a no-op `dvc repro`, ``import tensorflow`` in both
-environments, and a 4-job sweep run sequentially and in parallel. For each: wall time, CPU
+environments, ``make ui`` from start to its printed address (on the store the runs filled
+and on a fresh one), and a 4-job sweep run sequentially and in parallel. For each: wall time, CPU
 time and peak memory of the whole process tree, the ratio to the baseline, and the accuracy
 reached; whether the full run's metrics are those committed in reports/metrics.json; and
 each stage's ``-X importtime`` profile. Also measures the machine's float32 matrix-multiply
@@ -15,6 +16,7 @@ throughput and, from it, the shortest possible time for the training's arithmeti
 average is sampled throughout: other work on the machine inflates every figure.
 
     python bench/run.py --mirror /path/to/mnist --baseline-python bench/.venv-tf/bin/python
+    python bench/run.py --ui-only       # just `make ui`'s start-up, printed (a minute)
 
 Writes bench/results.md and bench/results.json.
 """
@@ -26,6 +28,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -94,6 +98,47 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Sample
         peak_process_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
         peak_tree_mb=peak_tree / 2**20,
     )
+
+
+def ui_start(cwd: Path, env: dict[str, str], timeout_s: float = 600) -> float:
+    """Seconds from starting ``python -m mnist_pipeline.ui`` (what ``make ui`` runs) to the
+    address it prints once its server answers; then it is stopped as Ctrl-C would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline.ui", "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in process.stdout:  # the address comes after the server answered
+            if "#/experiments/" in line:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                break
+        raise SystemExit(f"error: make ui printed no address (exit status {process.poll()})")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def ui_starts(cwd: Path, env: dict[str, str], fresh_store: Path, repeat: int) -> dict:
+    """``ui_start`` on the store in ``env`` and on a fresh store, ``repeat`` times each."""
+    fresh_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{fresh_store}"}
+    times: dict[str, list[float]] = {"store with runs": [], "fresh store": []}
+    for _ in range(repeat):
+        times["store with runs"].append(ui_start(cwd, env))
+        fresh_store.unlink(missing_ok=True)
+        times["fresh store"].append(ui_start(cwd, fresh_env))
+    return {
+        name: {"median": statistics.median(values), "all": [round(v, 2) for v in values]}
+        for name, values in times.items()
+    }
 
 
 def summary(samples: list[Sample]) -> dict:
@@ -173,6 +218,7 @@ TARGETS = (
     ("peak_memory", "peak memory, largest stage", 1.0, 0.8, "x"),
     ("import_tensorflow", "`import tensorflow`, stages' env / TF-only env", 1.1, 1.0, "x"),
     ("noop_repro", "no-op `dvc repro`", 1.5, None, "s"),
+    ("ui_start", "`make ui`: start to its printed address, store with runs", 10.0, None, "s"),
 )
 
 
@@ -283,11 +329,19 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true", help="skip the 4-job sweeps")
+    parser.add_argument(
+        "--ui-only", action="store_true", help="only time `make ui`'s start-up, print it"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
     # Absolute (the commands run in the copy), but not resolved: a venv's python is a link to
     # the base interpreter, and resolving it would leave the venv.
     args.baseline_python = Path(os.path.abspath(args.baseline_python))
+    if args.ui_only:  # on the project's own store, as a user starts it
+        with LoadSampler() as load, tempfile.TemporaryDirectory() as tmp_ui:
+            starts = ui_starts(ROOT, dict(os.environ), Path(tmp_ui) / "mlflow.db", args.repeat)
+        print(json.dumps({"ui_start_s": starts, "load_average": load.summary()}, indent=2))
+        return
     if not args.baseline_python.exists():
         raise SystemExit(
             f"error: no baseline environment at {args.baseline_python}; run `make bench`, "
@@ -328,6 +382,9 @@ def main() -> None:
 
         print("no-op dvc repro ...", flush=True)
         noop = [measure(["dvc", "repro"], work, env, log) for _ in range(args.repeat)]
+
+        print("make ui: start to its printed address ...", flush=True)
+        ui = ui_starts(work, env, tmp / "fresh-ui.db", args.repeat)
 
         print("baseline script and each stage alone, interleaved ...", flush=True)
         # The book's script is unseeded (a new random start each run); the train stage is
@@ -442,6 +499,7 @@ def main() -> None:
             "reports_identical_to_committed": identical,
         },
         noop_repro=summary(noop),
+        ui_start_s=ui,
         imports=import_summaries,
         profile={**profiles, "import tensorflow, packages the TF-only env lacks": tf_extra},
         matmul_gflops=throughput,
@@ -478,6 +536,7 @@ def figures(r: dict) -> dict:
         "import_tensorflow": med(r["imports"]["tensorflow"])
         / med(r["imports"]["tensorflow (TF-only env)"]),
         "noop_repro": med(r["noop_repro"]),
+        "ui_start": r["ui_start_s"]["store with runs"]["median"],
     }
     out = {}
     for key, label, target, stretch, unit in TARGETS:
@@ -586,6 +645,8 @@ def render(r: dict) -> str:
     lines += [
         f"| {f['metrics_identical']['figure']} | {'yes' if same else 'no'} | identical | "
         f"| {'met' if same else 'missed'} |",
+        f"| `make ui` on a fresh store (it creates the tables first) "
+        f"| {r['ui_start_s']['fresh store']['median']:.1f} s | | | no target |",
         "",
         "## Every measurement",
         "",
