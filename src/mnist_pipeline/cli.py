@@ -25,7 +25,7 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     quiet.filter_native_stderr()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    with exit_on_error():
+    with exit_on_error(store=tracking.store_label):
         config = load_config(cfg)
         tracking.check_store(tracking.tracking_uri())
         return stage(config)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from mnist_pipeline import faults
 
 #: Set to 1 to see the traceback of an expected failure (for reporting a bug).
 DEBUG_ENV = "MNIST_PIPELINE_DEBUG"
@@ -25,17 +27,35 @@ class DataError(PipelineError):
 
 @contextmanager
 def exit_on_error(
-    prefix: str = "", expected: tuple[type[BaseException], ...] = (PipelineError,)
+    prefix: str = "",
+    expected: tuple[type[BaseException], ...] = (PipelineError,),
+    store: Callable[[], str] | None = None,
 ) -> Iterator[None]:
     """The one translation of expected failures for every command line entry point: the
     message as ``error: <prefix><message>`` on stderr and exit status 1.
 
-    Anything not ``expected`` is a bug and keeps its traceback; ``MNIST_PIPELINE_DEBUG=1``
-    shows the traceback of expected failures too."""
+    Expected are the ``expected`` types and the faults of the environment ``faults``
+    recognises anywhere in an exception's chain (a full disk, a locked or corrupt store, no
+    memory); ``store`` names the MLflow store in those lines. Anything else is a bug and keeps
+    its traceback; ``MNIST_PIPELINE_DEBUG=1`` shows the traceback of expected failures too."""
     try:
         yield
-    except expected as exc:
-        if os.environ.get(DEBUG_ENV):
+    except Exception as exc:
+        message = _message(exc, expected, store)
+        if message is None or os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {prefix}{exc}", file=sys.stderr)
+        print(f"error: {prefix}{message}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _message(
+    exc: Exception,
+    expected: tuple[type[BaseException], ...],
+    store: Callable[[], str] | None,
+) -> str | None:
+    if isinstance(exc, expected) and isinstance(exc, PipelineError):
+        return str(exc)
+    fault = faults.describe(exc, store() if store else "the MLflow store")
+    if fault is None and isinstance(exc, expected):
+        return str(exc)
+    return fault

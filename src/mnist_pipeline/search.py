@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import sweep_runs, tracking
+from mnist_pipeline import store_address, sweep_runs, tracking
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import project_root
 
@@ -134,11 +134,9 @@ def storage_url(storage: str | None) -> str:
     server) one in the project folder."""
     url = storage or os.environ.get(STORAGE_ENV)
     if not url:
-        uri = tracking.tracking_uri()
-        folder = project_root()
-        if uri.startswith("sqlite:///"):
-            folder = Path(uri.removeprefix("sqlite:///")).parent
-        url = f"sqlite:///{folder / STORAGE_FILE}"
+        database = store_address.sqlite_path(tracking.tracking_uri())
+        folder = project_root() if database is None else database.parent
+        url = store_address.sqlite_uri(folder / STORAGE_FILE)
     url = str(url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         raise ConfigError(

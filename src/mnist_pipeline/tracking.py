@@ -23,7 +23,7 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
-from mnist_pipeline import run_names
+from mnist_pipeline import run_names, store_address
 from mnist_pipeline.config import PipelineConfig, flatten
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import project_root
@@ -33,6 +33,7 @@ from mnist_pipeline.provenance import (
     package_version,
     provenance_tags,
 )
+from mnist_pipeline.tracking_server import check_backend
 
 if TYPE_CHECKING:
     import mlflow
@@ -45,31 +46,44 @@ log = logging.getLogger(__name__)
 
 
 def default_tracking_uri() -> str:
-    """An absolute SQLite URI: relative ones silently split runs across working directories."""
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    """An absolute SQLite URI (relative ones silently split runs across working directories),
+    escaped so that any folder name reads back as itself."""
+    return store_address.sqlite_uri(project_root() / "mlflow.db")
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else the project's own SQLite store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        raise ConfigError(
-            f"MLFLOW_TRACKING_URI={uri} is relative to the working directory, so runs would "
-            "scatter across Hydra and DVC experiment folders; use an absolute path "
-            "(sqlite:////abs/path/mlflow.db)"
-        )
-    if uri.startswith("file:") or "://" not in uri:
-        raise ConfigError(
-            f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 deprecates; use "
-            "sqlite:////abs/path/mlflow.db or an http(s):// tracking server"
-        )
-    return uri
+    """``$MLFLOW_TRACKING_URI`` if set (as the user meant it, or refused with the reason:
+    ``store_address.normalise``), else the project's own SQLite store."""
+    raw = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return store_address.normalise(raw) if raw.strip() else default_tracking_uri()
 
 
-@cache  # once per process and server: a server that answered is not asked again
+def store_label() -> str:
+    """The store, named for messages (without a password)."""
+    try:
+        return f"the MLflow store {store_address.redact(tracking_uri())}"
+    except ConfigError:
+        return "the MLflow store"
+
+
+def require_existing_store() -> None:
+    """For commands that only read runs: a SQLite store that does not exist is an error, not
+    something to create (MLflow would make its folders and an empty database)."""
+    database = store_address.sqlite_path(tracking_uri())
+    if database is not None and not database.is_file():
+        raise ConfigError(
+            f"no MLflow store at {database}: nothing has been logged there; run the pipeline "
+            "first, or set MLFLOW_TRACKING_URI to the store you mean"
+        )
+
+
+@cache  # once per process and store: a store that answered is not asked again
 def check_store(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, before any expensive work, when a tracking server cannot be reached
-    (MLflow's own client would retry for minutes)."""
+    """Fail in seconds, before any expensive work, when the store cannot be used: a tracking
+    server or PostgreSQL that does not answer (MLflow's own client would retry for minutes)."""
+    if uri.startswith(store_address.POSTGRES_SCHEMES):
+        check_backend(uri, timeout_s, setting="MLFLOW_TRACKING_URI")
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -93,8 +107,23 @@ def configured_mlflow() -> Any:
     check_store(uri)
     import mlflow
 
+    _sqlite_parent_dirs_fix()
     mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def _sqlite_parent_dirs_fix() -> None:
+    """MLflow 3.17 creates the parent folder of a SQLite store from the URI's text without
+    percent-decoding it, so an escaped ``sqlite:////a/50%25/mlflow.db`` makes a stray folder
+    ``50%25`` beside the real one. Create the folder SQLAlchemy will open instead."""
+    import mlflow.store.db.utils as db_utils
+
+    def make_parent_dirs(db_uri: str) -> None:
+        path = store_address.sqlite_path(db_uri)
+        if path is not None and path.name not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    db_utils._make_parent_dirs_if_sqlite = make_parent_dirs
 
 
 def client() -> mlflow.MlflowClient:
@@ -118,10 +147,8 @@ def ensure_experiment(name: str) -> str:
     experiment = store.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    database = store_address.sqlite_path(tracking_uri())
+    location = None if database is None else (database.parent / "mlartifacts").as_uri()
     try:
         return store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except mlflow.exceptions.MlflowException:
@@ -244,7 +271,7 @@ def get_run(run_id: str) -> Any:
     try:
         return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"no run {run_id!r} in the MLflow store {tracking_uri()}") from None
+        raise ConfigError(f"no run {run_id!r} in {store_label()}") from None
 
 
 def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:

@@ -19,26 +19,22 @@ import os
 import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from mnist_pipeline.errors import ConfigError, exit_on_error
 from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.store_address import redact
 
 DEFAULT_BACKEND = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts-server"
 
 
-def redact(uri: str) -> str:
-    """The URI without its password, for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_backend(uri: str, timeout_s: int = 5) -> None:
-    """Fail in seconds, with the reason, when the PostgreSQL store cannot be used."""
+def check_backend(
+    uri: str, timeout_s: float = 5, setting: str = "MLFLOW_BACKEND_STORE_URI"
+) -> None:
+    """Fail in seconds, with the reason, when the PostgreSQL store cannot be used (MLflow's
+    engine would retry for minutes); a real connection, so a wrong password or database is
+    caught too. ``setting`` is the variable the user should fix."""
     scheme = urlsplit(uri).scheme
     if not scheme.startswith("postgresql"):
         return  # MySQL, SQLite, ...: mlflow server reports its own errors
@@ -58,13 +54,13 @@ def check_backend(uri: str, timeout_s: int = 5) -> None:
     # libpq does not know SQLAlchemy's driver suffix (postgresql+psycopg://).
     dsn = "postgresql" + uri[len(scheme) :]
     try:
-        psycopg.connect(dsn, connect_timeout=timeout_s).close()
+        psycopg.connect(dsn, connect_timeout=max(1, round(timeout_s))).close()
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"PostgreSQL store {redact(uri)} is not usable: {reason}. Start PostgreSQL and "
             "create the role and database (README: 'When one machine is not enough'), or set "
-            "MLFLOW_BACKEND_STORE_URI"
+            f"{setting}"
         ) from None
 
 

@@ -1,0 +1,130 @@
+"""Issue 14, class 3: odd tracking-store addresses are used as meant or refused in seconds,
+through the real stage command; the project's own store works under any folder name."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mnist_pipeline import store_address, tracking
+from mnist_pipeline.errors import ConfigError
+from tests.helpers.config import sha_overrides
+from tests.helpers.services import free_port, require_extra
+from tests.helpers.workspace import copy_project
+
+
+def download(cwd: Path, uri: str | None, mirror, pythonpath: Path | None = None):
+    """The download stage as a user runs it; returns (the process, its seconds)."""
+    folder, sha = mirror
+    env = {**os.environ, "MNIST_MIRROR": str(folder)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if uri is not None:
+        env["MLFLOW_TRACKING_URI"] = uri
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.download", *sha_overrides(sha)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("raw", "meant"),
+    [
+        ("  sqlite:////srv/m/mlflow.db\n", "sqlite:////srv/m/mlflow.db"),
+        ("SQLite:////srv/m/mlflow.db", "sqlite:////srv/m/mlflow.db"),
+        ("HTTP://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("\tHttps://mlflow.example.org ", "https://mlflow.example.org"),
+        ("PostgreSQL://u@db:5432/mlflow", "postgresql://u@db:5432/mlflow"),
+    ],
+)
+def test_addresses_are_read_as_meant(monkeypatch, raw, meant):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", raw)
+    assert tracking.tracking_uri() == meant
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("sqlite://", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+        (" SQLITE:// ", "in-memory"),
+        ("sqlite:///file:x?mode=memory&cache=shared&uri=true", "in-memory"),
+        ("mysql://u:pw@127.0.0.1/mlflow", "does not support"),
+        ("databricks", "file store"),
+        ("databricks://profile", "does not support"),
+        ("mssql+pyodbc://u@h/db", "does not support"),
+        ("FILE:///tmp/mlruns", "file store"),
+        ("http://", "names no host"),
+        ("postgresql://u@127.0.0.1:5432", "names no database"),
+    ],
+)
+def test_unusable_addresses_are_refused_with_the_reason(monkeypatch, uri, reason):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ConfigError, match=reason):
+        tracking.tracking_uri()
+
+
+@pytest.mark.parametrize("uri", ["mysql://user:hunter2@db/mlflow", "sqlite://u:hunter2@/"])
+def test_passwords_stay_out_of_messages(monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ConfigError) as info:
+        tracking.tracking_uri()
+    assert "hunter2" not in str(info.value) and ":***@" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("sqlite://", "in-memory SQLite store"),
+        ("sqlite:///:memory:", "in-memory SQLite store"),
+        ("HTTP://127.0.0.1:{port}", "is not reachable"),
+        ("postgresql://mlflow:pw@127.0.0.1:{port}/mlflow", "is not usable"),
+        # a host that never answers (unroutable): the connect timeout, not minutes of retries
+        ("postgresql://mlflow:pw@10.255.255.1:5432/mlflow", "is not usable"),
+        ("mysql://u@127.0.0.1:{port}/mlflow", "does not support"),
+    ],
+)
+def test_the_stage_refuses_in_seconds_and_writes_nothing(tmp_path, tiny_mirror, uri, reason):
+    """Through the real command: one line, exit 1, seconds, no data and no ./mlruns."""
+    if uri.startswith("postgresql"):
+        require_extra("psycopg", "server")
+    uri = uri.format(port=free_port())
+    result, seconds = download(tmp_path, uri, tiny_mirror)
+    assert result.returncode == 1, result.stderr
+    assert seconds < 60  # seconds on a busy machine, not minutes of retries
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and reason in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pw@" not in result.stderr
+    assert set(os.listdir(tmp_path)) <= {"outputs"}  # Hydra's log folder at most
+
+
+@pytest.mark.parametrize("name", ["we%ird 50%25 done", "why? #1", "a&b=c;d #x?y=z%"])
+def test_the_default_store_works_under_any_folder_name(tmp_path, tiny_mirror, name):
+    """The default store is built from the project folder: URL-special characters in that
+    name must not move it, split it or leave stray folders beside it."""
+    project = copy_project(tmp_path / name, commit=False)
+    result, _ = download(project, None, tiny_mirror, pythonpath=project / "src")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(tmp_path) == [name]  # nothing made beside the project
+    database = project / "mlflow.db"
+    with sqlite3.connect(database) as con:
+        (runs,) = con.execute("select count(*) from runs where status = 'FINISHED'").fetchone()
+        (location,) = con.execute("select artifact_uri from runs").fetchone()
+    assert runs == 1
+    assert location.startswith((project / "mlartifacts").as_uri())
+    assert len(list((project / "mlartifacts").rglob("download.json"))) == 1
+    assert store_address.sqlite_path(store_address.sqlite_uri(database)) == database
