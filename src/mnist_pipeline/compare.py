@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sweep_id == "latest":
         args.sweep_id = None
-    with exit_on_error(expected=(PipelineError, OSError)):
+    with exit_on_error(expected=(PipelineError, OSError), store=tracking.store_label):
+        tracking.require_existing_store()
         runs = select_runs(args.sweep_id, args.experiment, args.filter)
         table = runs_table(runs, args.sort, args.ascending)
         print(to_text(table))

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -126,12 +127,29 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a mirror's redirect only to another https:// URL. urllib would follow one to
+    plain http:// (a downgrade anyone on the path can tamper with, then recorded as the
+    https mirror): that mirror is refused instead, with the reason."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if urlparse(newurl).scheme.lower() != "https":
+            raise MirrorError(
+                f"redirected ({code}) to {newurl}: refused, only https:// is followed"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _download(url: str, dest: Path) -> None:
     """Stream ``url`` to ``dest`` with a progress bar, retrying transient errors with backoff."""
     for attempt in range(1, RETRIES + 1):
         try:
             with (
-                urllib.request.urlopen(url, timeout=TIMEOUT_S) as response,
+                urllib.request.build_opener(_HttpsOnlyRedirects).open(
+                    url, timeout=TIMEOUT_S
+                ) as response,
                 open(dest, "wb") as out,
             ):
                 if "text/html" in response.headers.get("Content-Type", ""):

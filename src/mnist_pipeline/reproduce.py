@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,21 @@ def reproduce(run_id: str, output_dir: Path) -> dict:
     }
 
 
+@contextmanager
+def _output_folder(given: Path | None, run_id: str) -> Iterator[Path]:
+    """``given``, or a temporary folder that is removed again when the reproduction fails: it
+    then holds nothing worth keeping, and a failed command leaves no trace."""
+    if given is not None:
+        yield given
+        return
+    folder = Path(tempfile.mkdtemp(prefix=f"reproduce-{run_id[:8]}-"))
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.reproduce", description=__doc__.splitlines()[0]
@@ -127,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="folder for the new model and reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    output = args.output or Path(tempfile.mkdtemp(prefix=f"reproduce-{args.run_id[:8]}-"))
-    with exit_on_error(prefix=f"cannot reproduce {args.run_id}: "):
-        report = reproduce(args.run_id, output)
+    with exit_on_error(prefix=f"cannot reproduce {args.run_id}: ", store=tracking.store_label):
+        tracking.require_existing_store()
+        with _output_folder(args.output, args.run_id) as output:
+            report = reproduce(args.run_id, output)
     if report["identical"]:
         print(
             f"identical: run {report['run_id']} reproduces {args.run_id} bit for bit "

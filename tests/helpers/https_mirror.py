@@ -15,6 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BEHAVIOURS = ("good", "corrupt", "truncated", "notgzip", "html", "missing", "hang", "flaky", "slow")
+#: ``redirect301/`` .. ``redirect308/``: answer every file with that status and a Location of
+#: ``redirect_to`` + the file's name.
+REDIRECT_PREFIX = "redirect"
 
 
 class MirrorServer:
@@ -22,6 +25,7 @@ class MirrorServer:
         self.files = files
         self.requests: Counter[str] = Counter()
         self.hang_s = 5.0
+        self.redirect_to = ""
         handler = self._handler()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -53,6 +57,12 @@ class MirrorServer:
                 _, behaviour, name = self.path.split("/", 2)
                 server.requests[behaviour] += 1
                 path = server.files / name
+                if behaviour.startswith(REDIRECT_PREFIX):
+                    self.send_response(int(behaviour.removeprefix(REDIRECT_PREFIX)))
+                    self.send_header("Location", server.redirect_to + name)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if behaviour == "missing" or not path.exists():
                     return self.send_error(404, "Not Found")
                 body = path.read_bytes()
