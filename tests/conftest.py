@@ -119,3 +119,24 @@ def sweep(tiny_mirror, tracking_store, workdir):
         return result, parent, children
 
     return run
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made once: creating one runs every schema migration
+    (minutes on a busy machine); copies of it (``tests.helpers.store.seed``) cost nothing."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def seeded_store(tracking_store, store_template) -> str:
+    """``tracking_store``, already created: request it before fixtures that log runs."""
+    from mnist_pipeline.store_address import sqlite_path
+    from tests.helpers.store import seed
+
+    seed(store_template, sqlite_path(tracking_store))
+    return tracking_store

@@ -88,6 +88,7 @@ def evaluate(cfg: PipelineConfig) -> dict:
     quiet.quiet_progress()
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     run = artifacts.read_run_ref(models)
+    tracking.require_train_run(run["run_id"], str(models / artifacts.RUN_FILE))
     x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
     model = artifacts.load_model(models)
     probabilities, test_loss = predict_with_loss(model, x_test, y_test)

@@ -86,7 +86,7 @@ def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | N
             f"{store} was made by an older MLflow: back it up, then run "
             "`mlflow db upgrade <its URI>`, and run again"
         )
-    if "Can't locate revision" in text:
+    if "Can't locate revision" in text:  # alembic, when MLflow tries to migrate it
         return (
             f"{store} was made by a newer MLflow than this one (its schema is unknown here): "
             "use that MLflow version (uv sync at a newer commit) or another store"

@@ -8,9 +8,11 @@ when first needed (the import costs a second). ``provenance`` says what produced
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
+import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +25,9 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
-from mnist_pipeline import run_names, store_address
+from mnist_pipeline import faults, run_names, store_address
 from mnist_pipeline.config import PipelineConfig, flatten
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.errors import DEBUG_ENV, ConfigError
 from mnist_pipeline.project import project_root
 from mnist_pipeline.provenance import (
     CONFIG_ARTIFACT,
@@ -81,6 +83,10 @@ def require_existing_store() -> None:
 def check_store(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, before any expensive work, when the store cannot be used: a tracking
     server or PostgreSQL that does not answer (MLflow's own client would retry for minutes)."""
+    database = store_address.sqlite_path(uri)
+    if database is not None:
+        check_sqlite_store(database)
+        return
     if uri.startswith(store_address.POSTGRES_SCHEMES):
         check_backend(uri, timeout_s, setting="MLFLOW_TRACKING_URI")
         return
@@ -99,6 +105,50 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def check_sqlite_store(database: Path) -> None:
+    """Before any work: a SQLite store that exists must open, be a database and take a write
+    lock within ``faults.LOCK_WAIT_S``. Finds a corrupt file, a read-only disk and another
+    process holding the database (a notebook in a transaction, even a read) in seconds, where
+    MLflow would fail late or retry for half a minute."""
+    if not database.exists():
+        return  # MLflow creates it
+    store = f"the MLflow store {database}"
+    # SQLite opens a file it cannot write read-only and fails only at the first write;
+    # access() reports a read-only mount even to root.
+    if not (os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)):
+        raise ConfigError(faults.describe_one(sqlite3.OperationalError("readonly database"), store))
+    try:
+        con = sqlite3.connect(database, timeout=faults.LOCK_WAIT_S, isolation_level=None)
+        try:
+            tables = {row[0] for row in con.execute("select name from sqlite_master")}
+            con.execute("begin exclusive")  # readers block a commit too: wait them out
+            con.execute("rollback")
+            revision = None
+            if "alembic_version" in tables:
+                revision = con.execute("select version_num from alembic_version").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(faults.describe_one(exc, store) or f"{store}: {exc}") from None
+    known = _schema_revisions()
+    if revision and known and revision[0] not in known:
+        raise ConfigError(
+            f"{store} was made by a newer MLflow than this one (schema revision {revision[0]} "
+            "is unknown here): use that MLflow version (uv sync at a newer commit) or another "
+            "store"
+        )
+
+
+def _schema_revisions() -> set[str]:
+    """The database schema revisions this MLflow knows (its migration scripts are named
+    ``<revision>_<what>.py``), read without importing MLflow; empty if they cannot be found."""
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    folder = Path(spec.submodule_search_locations[0]) / "store" / "db_migrations" / "versions"
+    return {p.name.split("_", 1)[0] for p in folder.glob("*_*.py")}
+
+
 def configured_mlflow() -> Any:
     """MLflow's module, pointed at the project's store (checked reachable once per process).
 
@@ -108,8 +158,24 @@ def configured_mlflow() -> Any:
     import mlflow
 
     _sqlite_parent_dirs_fix()
+    _quiet_store_tracebacks()
     mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
+
+
+def _quiet_store_tracebacks() -> None:
+    """MLflow logs a database error with its full traceback before raising it again; the
+    command reports the raised error in one line (``errors.exit_on_error``). The traceback
+    stays for MNIST_PIPELINE_DEBUG=1."""
+    if os.environ.get(DEBUG_ENV):
+        return
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if _no_traceback not in logger.filters:
+        logger.addFilter(_no_traceback)
 
 
 def _sqlite_parent_dirs_fix() -> None:
@@ -145,6 +211,12 @@ def ensure_experiment(name: str) -> str:
     mlflow = configured_mlflow()
     store = mlflow.MlflowClient()
     experiment = store.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"the MLflow experiment {name!r} was deleted (in mlflow ui): restore it with "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`, or "
+            "log to another one (tracking.experiment_name=...)"
+        )
     if experiment is not None:
         return experiment.experiment_id
     database = store_address.sqlite_path(tracking_uri())
@@ -214,13 +286,20 @@ def start_run(
 
 @contextmanager
 def _record_error(mlflow: Any) -> Iterator[None]:
-    """Put the error on the run; an interrupted run (Ctrl-C, SIGTERM) ends KILLED."""
+    """Put the error on the run; an interrupted run (Ctrl-C, SIGTERM) ends KILLED.
+
+    The store may be what failed (full, locked, read-only): then the run cannot be closed
+    here, stays RUNNING, and the next run marks it KILLED. That second failure never hides
+    the first."""
     try:
         yield
     except BaseException as exc:
-        mlflow.set_tag("error", error_text(exc))
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            mlflow.end_run(status="KILLED")
+        try:
+            mlflow.set_tag("error", error_text(exc))
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                mlflow.end_run(status="KILLED")
+        except Exception as again:
+            log.debug("could not record the failure on the run: %s", again)
         raise
 
 
@@ -238,11 +317,19 @@ def close_dead_runs(experiment_id: str) -> list[str]:
         pid = int(run.data.tags.get("process.pid", "0"))
         if pid <= 0 or pid == os.getpid() or _alive(pid):
             continue
-        store.set_tag(run.info.run_id, "error", f"process {pid} died while the run was open")
+        store.set_tag(run.info.run_id, "error", dead_run_reason(pid, run.data.tags))
         store.set_terminated(run.info.run_id, status="KILLED")
         log.warning("marked run %s KILLED: its process %d is gone", run.info.run_id, pid)
         closed.append(run.info.run_id)
     return closed
+
+
+def dead_run_reason(pid: int, tags: dict[str, str]) -> str:
+    """Why a run was left RUNNING by a process that is gone, as far as can be told."""
+    return (
+        f"process {pid} died while the run was open, or could not record its end (it was "
+        "killed, crashed, or its store was not writable when it failed)"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -264,6 +351,25 @@ def fail_run(run_id: str, error: BaseException) -> None:
     store = client()
     store.set_tag(run_id, "error", error_text(error))
     store.set_terminated(run_id, status="FAILED")
+
+
+def require_train_run(run_id: str, reference: str = "models/run.json") -> None:
+    """Before evaluate touches anything: the training run it adds to must be in this store
+    and not deleted. A teammate's ``dvc pull`` brings ``models/`` without the run."""
+    mlflow = configured_mlflow()
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(
+            f"the training run {run_id} that {reference} names is not in {store_label()} "
+            "(models/ came from elsewhere: a dvc pull, a copy): train here with "
+            "`dvc repro -f train`, or set MLFLOW_TRACKING_URI to the store that has the run"
+        ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"the training run {run_id} was deleted (in mlflow ui): restore it with "
+            f"`mlflow runs restore --run-id {run_id}`, or train again with `dvc repro -f train`"
+        )
 
 
 def get_run(run_id: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 #: The metrics every finished training run has.
@@ -31,3 +32,20 @@ def run_pipeline(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProces
         text=True,
         timeout=900,
     )
+
+
+def run_stage(
+    stage: str, cwd: Path, env: dict, *overrides: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """A stage as its own process, run to the end; ``.seconds`` says how long it took."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    result.seconds = time.monotonic() - started
+    return result
