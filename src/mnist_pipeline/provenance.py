@@ -5,8 +5,10 @@ resolved config and the flags that change numerics. ``reproduce`` checks a run a
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from mnist_pipeline.dvcfiles import dirty_check_args
 from mnist_pipeline.project import project_root
+
+log = logging.getLogger(__name__)
 
 #: The run's full resolved config, logged as an artifact of every training run.
 CONFIG_ARTIFACT = "config.json"
@@ -49,9 +53,10 @@ def uncommitted_changes() -> str | None:
 
 
 def provenance_tags() -> dict[str, str]:
-    """Tags that say what produced a run: code version and the software that ran it."""
+    """Tags that say what produced a run: code version and the software that ran it. When git
+    cannot name the commit, the run records why (``git.error``) and the stage warns."""
     commit = git("rev-parse", "HEAD")
-    status = uncommitted_changes()
+    status = uncommitted_changes() if commit else None
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -59,9 +64,40 @@ def provenance_tags() -> dict[str, str]:
         "process.host": socket.gethostname(),
         "process.pid": str(os.getpid()),
     }
+    if commit is None:
+        tags["git.error"] = git_problem()
+        log.warning("the code version is not recorded: %s", tags["git.error"])
     for package in PACKAGES:
         tags[f"version.{package}"] = package_version(package)
     return tags
+
+
+def git_problem() -> str:
+    """Why git cannot name the commit being run, and what to do about it."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except FileNotFoundError:
+        return "git is not installed (or not on PATH): install git so runs record their code"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"git could not run ({exc})"
+    err = out.stderr.strip()
+    if "dubious ownership" in err:
+        match = re.search(r"repository at '([^']+)'", err)
+        where = match.group(1) if match else os.getcwd()
+        return (
+            f"git refuses the repository {where}: it is owned by another user (dubious "
+            f"ownership); if you trust it: git config --global --add safe.directory {where}"
+        )
+    if "not a git repository" in err:
+        return (
+            f"{os.getcwd()} is not in a git repository: run the pipeline from a clone of the "
+            "project (or git init && git commit)"
+        )
+    if "ambiguous argument 'HEAD'" in err or "unknown revision" in err:
+        return "the repository has no commit yet: commit the code (git commit)"
+    return " ".join(err.split())[:300] or f"git rev-parse HEAD exited {out.returncode}"
 
 
 def numerics_tags(data_sha256: str, intra_op_threads: int) -> dict[str, str]:

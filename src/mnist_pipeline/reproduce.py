@@ -50,7 +50,11 @@ def check_code(tags: dict[str, str]) -> None:
     """Refuse unless the working tree holds exactly the recorded commit."""
     commit = tags.get("git.commit", "unknown")
     if commit == "unknown":
-        raise PipelineError("the run recorded no git commit, so its code cannot be recovered")
+        why = tags.get("git.error")
+        raise PipelineError(
+            "the run recorded no git commit, so its code cannot be recovered"
+            + (f" (when it ran: {why})" if why else "")
+        )
     if git("cat-file", "-e", f"{commit}^{{commit}}") is None:
         raise PipelineError(f"commit {commit} is not in this repository (fetch it first)")
     head = git("rev-parse", "HEAD")
