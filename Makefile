@@ -20,6 +20,11 @@ export UV_COMPILE_BYTECODE := 1
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
+# A venv's scripts (dvc, mlflow, ...) name its absolute path: after the project is moved or
+# copied they point at the old folder (or at the original's venv). Rebuild it then.
+VENV_HOME := $(shell sed -n '1s|^\#!\(.*\)/bin/python[0-9.]*$$|\1|p' $(VENV)/bin/dvc 2>/dev/null)
+VENV_MOVED := $(if $(VENV_HOME),$(filter-out $(CURDIR)/$(VENV),$(VENV_HOME)))
+
 ## Set up .venv/ from uv.lock (every target does this first).
 setup: $(STAMP)
 
@@ -27,11 +32,16 @@ setup: $(STAMP)
 # targets never uninstalls and reinstalls an extra.
 SYNC = $(UV) sync --frozen --inexact --python python3
 
-$(STAMP): pyproject.toml uv.lock
+$(STAMP): pyproject.toml uv.lock $(if $(VENV_MOVED),FORCE)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
+	$(if $(VENV_MOVED),@echo ".venv was built for $(VENV_MOVED) (the project moved): rebuilding it"; \
+		rm -rf $(VENV))
 	$(SYNC)
 	@touch $@
+
+# Always out of date (no recipe, no file): a prerequisite that forces a rebuild.
+FORCE:
 
 $(SERVER_STAMP): $(STAMP)
 	$(SYNC) --extra server

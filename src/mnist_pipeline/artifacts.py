@@ -39,6 +39,8 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 NUM_CLASSES = 10
+#: What the network reads: one flattened 28x28 image, 784 values in [0, 1].
+INPUT_DIM = 28 * 28
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"
@@ -68,19 +70,20 @@ def inputs_key(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def write_processed(folder: Path, arrays: dict[str, np.ndarray], key: str) -> str:
-    """Write the arrays (``x_<split>.npy``, ``y_<split>.npy``) and then their manifest;
-    return the content hash.
+def write_processed(
+    folder: Path, arrays: dict[str, np.ndarray], key: str, outputs: files.Staged
+) -> str:
+    """Stage the arrays (``x_<split>.npy``, ``y_<split>.npy``) and their manifest; return
+    the content hash.
 
-    The manifest says what the folder holds; it is removed first, so a run that dies half-way
-    never leaves an old manifest vouching for a mix of old and new arrays."""
+    The manifest says what the folder holds: a seal, removed first and put in place last, so
+    a run that dies half-way never leaves an old manifest vouching for a mix of arrays."""
     digest = content_hash(arrays)
-    (folder / MANIFEST_FILE).unlink(missing_ok=True)
     for name, array in arrays.items():
-        with files.atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+        with open(outputs.path(folder / f"{name}.npy"), "wb") as f:
             np.save(f, array, allow_pickle=False)
     files.write_json(
-        folder / MANIFEST_FILE,
+        outputs.path(folder / MANIFEST_FILE, seal=True),
         {
             "content_sha256": digest,
             "inputs_key": key,
@@ -136,32 +139,64 @@ def manifest_key(folder: Path) -> str | None:
 # --- the model and its run reference ----------------------------------------------------
 
 
-def save_model(model: keras.Model, folder: Path) -> None:
-    with files.atomic_path(folder / MODEL_FILE, suffix=".keras") as tmp:
-        model.save(tmp)
+def save_model(model: keras.Model, folder: Path, outputs: files.Staged) -> None:
+    model.save(outputs.path(folder / MODEL_FILE))
 
 
 def load_model(folder: str | Path) -> keras.Model:
-    """Load the saved model in Keras safe mode (no arbitrary code from the file is run)."""
-    return load_model_file(Path(folder) / MODEL_FILE)
+    """Load the saved model in Keras safe mode (no arbitrary code from the file is run), for
+    evaluation: it must fit the pipeline and carry its loss (``compile``)."""
+    path = Path(folder) / MODEL_FILE
+    model = load_model_file(path)
+    if not getattr(model, "compiled", True) or getattr(model, "loss", None) is None:
+        raise PipelineError(
+            f"{path} was saved without a loss (not compiled), so its test loss cannot be "
+            "computed; re-run the train stage"
+        )
+    return model
 
 
 def load_model_file(path: str | Path) -> keras.Model:
-    """Load any ``.keras`` file the way ``load_model`` does (``predict --model FILE``)."""
+    """Load any ``.keras`` file the way ``load_model`` does (``predict --model FILE``), and
+    refuse, in one line, one this pipeline cannot use (``check_fits``)."""
     import keras
 
     path = files.require(Path(path), "train")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a damaged archive
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a damaged or foreign file
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise PipelineError(
-            f"{path} is not a loadable Keras model ({exc}); re-run the train stage"
+            f"{path} is not a loadable Keras model ({reason}); re-run the train stage"
         ) from None
+    check_fits(model, path)
+    return model
 
 
-def write_run_ref(folder: Path, ref: dict[str, Any]) -> None:
+def check_fits(model: keras.Model, path: str | Path) -> None:
+    """The pipeline feeds one (batch, 784) input of flattened images and reads ten class
+    probabilities; another network (other shapes, several inputs) would fail deep in Keras."""
+
+    def shapes(tensors: list) -> str:
+        return ", ".join(str(tuple(t.shape)) for t in tensors) or "none"
+
+    try:
+        inputs, outputs = list(model.inputs or []), list(model.outputs or [])
+    except (AttributeError, ValueError):  # a subclassed model that was never built
+        inputs, outputs = [], []
+    fits_in = len(inputs) == 1 and tuple(inputs[0].shape[1:]) == (INPUT_DIM,)
+    fits_out = len(outputs) == 1 and tuple(outputs[0].shape[1:]) == (NUM_CLASSES,)
+    if not (fits_in and fits_out):
+        raise PipelineError(
+            f"{path} does not fit this pipeline: it takes {shapes(inputs)} and gives "
+            f"{shapes(outputs)}, but the pipeline feeds (None, {INPUT_DIM}) flattened images "
+            f"and reads (None, {NUM_CLASSES}) class probabilities; re-run the train stage"
+        )
+
+
+def write_run_ref(folder: Path, ref: dict[str, Any], outputs: files.Staged) -> None:
     """``run.json``: the MLflow run (and logged model) the saved model belongs to."""
-    files.write_json(folder / RUN_FILE, ref)
+    files.write_json(outputs.path(folder / RUN_FILE), ref)
 
 
 def read_run_ref(folder: str | Path) -> dict[str, Any]:
@@ -177,10 +212,10 @@ def clear_run_ref(folder: Path) -> None:
 # --- the training history ---------------------------------------------------------------
 
 
-def write_history(folder: Path, history: dict[str, list[float]]) -> None:
+def write_history(folder: Path, history: dict[str, list[float]], outputs: files.Staged) -> None:
     """Per-epoch curves as CSV, the format DVC plots read."""
     keys = sorted(history)
-    with files.atomic_path(folder / HISTORY_FILE) as tmp, open(tmp, "w", newline="") as f:
+    with open(outputs.path(folder / HISTORY_FILE), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", *keys])
         for i in range(len(history[keys[0]])):

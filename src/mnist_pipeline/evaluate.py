@@ -30,7 +30,8 @@ from mnist_pipeline import artifacts, files, quiet, tracking
 from mnist_pipeline.artifacts import NUM_CLASSES
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
-from mnist_pipeline.project import CONF_DIR
+from mnist_pipeline.params import ParamsGuard
+from mnist_pipeline.project import CONF_DIR, stage_params
 
 if TYPE_CHECKING:
     import keras
@@ -89,6 +90,10 @@ def evaluate(cfg: PipelineConfig) -> dict:
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     run = artifacts.read_run_ref(models)
     tracking.require_train_run(run["run_id"], str(models / artifacts.RUN_FILE))
+    # The last stage: params.yaml must still say what the model was trained with when DVC
+    # records the experiment; checked now and again just before the reports are put in place.
+    guard = ParamsGuard(stage_params("train"))
+    guard.check(run.get("params_yaml"), what="the model was trained")
     x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
     model = artifacts.load_model(models)
     probabilities, test_loss = predict_with_loss(model, x_test, y_test)
@@ -114,18 +119,23 @@ def evaluate(cfg: PipelineConfig) -> dict:
         "test_count": {str(c): int(n) for c, n in enumerate(matrix.sum(axis=1))},
     }
 
-    files.write_json(reports / METRICS_FILE, result)
-    files.write_json(reports / PER_CLASS_FILE, per_class_report)
-    write_predictions(reports / PREDICTIONS_FILE, y_test, predicted)
-    plot_confusion(reports / CONFUSION_PNG, matrix, test_accuracy)
-
-    with tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
+    # Reports are staged and put in place only once the run has them all: a full disk or a
+    # store that fails half-way leaves the last good reports as they were.
+    with files.staged() as outputs, tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
+        metrics_file = outputs.path(reports / METRICS_FILE)
+        per_class_file = outputs.path(reports / PER_CLASS_FILE)
+        png = outputs.path(reports / CONFUSION_PNG)
+        files.write_json(metrics_file, result)
+        files.write_json(per_class_file, per_class_report)
+        write_predictions(outputs.path(reports / PREDICTIONS_FILE), y_test, predicted)
+        plot_confusion(png, matrix, test_accuracy)
         tracking.log_metrics({k: v for k, v in headline.items() if k.startswith(("test", "acc"))})
         tracking.log_metrics({f"test_accuracy_class_{c}": a for c, a in enumerate(per_class)})
         tracking.log_dict(confusion_json(matrix), CONFUSION_JSON)
-        tracking.log_artifact(reports / CONFUSION_PNG)
-        tracking.log_artifact(reports / METRICS_FILE)
-        tracking.log_artifact(reports / PER_CLASS_FILE)
+        tracking.log_artifact(png)
+        tracking.log_artifact(metrics_file)
+        tracking.log_artifact(per_class_file)
+        guard.check(run.get("params_yaml"), what="the model was trained")
     log.info("test_accuracy %.4f, gap %.4f", test_accuracy, headline["accuracy_gap"])
     return result
 

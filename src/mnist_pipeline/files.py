@@ -1,13 +1,15 @@
 """Atomic writes: a stage killed at any moment leaves either the old file or the new one.
 
 Everything is written to a temporary file in the destination's folder, flushed to disk, and
-renamed into place; a rename within one filesystem is atomic on POSIX.
+renamed into place; a rename within one filesystem is atomic on POSIX. A stage's outputs as a
+whole are staged (``staged``): put in place together, only when the stage has succeeded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +45,58 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+class Staged:
+    """A stage's outputs, written under hidden temporary names and put in place together,
+    only when the whole stage has succeeded (see ``staged``).
+
+    Each file is staged as ``<folder>/.<name>.<random>.tmp/<name>``: the same name (a logged
+    artifact keeps it; Keras wants ``.keras``) on the same file system (the rename is
+    atomic). A stage that fails half-way (a full disk, a store that cannot be written, params
+    that changed under it) replaces nothing: the last good run's outputs stay as they were."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, Path] = {}
+        self._seals: list[Path] = []
+
+    def path(self, final: str | Path, seal: bool = False) -> Path:
+        """Where to write the file that will become ``final``. A ``seal`` (a manifest that
+        vouches for the other files) is removed first and put in place last, so a process
+        killed between two renames never leaves an old seal over a mix of files."""
+        final = Path(final)
+        if seal:
+            self._seals.append(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+        os.chmod(folder, 0o777 & ~_umask())
+        self._files[final] = folder / final.name
+        return self._files[final]
+
+    def commit(self) -> None:
+        """Every byte on disk first, then the renames (seals last)."""
+        for tmp in self._files.values():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for final in self._seals:
+            final.unlink(missing_ok=True)
+        for final in sorted(self._files, key=lambda final: final in self._seals):
+            os.replace(self._files[final], final)
+
+    def discard(self) -> None:
+        for tmp in self._files.values():
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+@contextmanager
+def staged() -> Iterator[Staged]:
+    """Outputs that appear all at once when the block succeeds, and not at all otherwise."""
+    outputs = Staged()
+    try:
+        yield outputs
+        outputs.commit()
+    finally:
+        outputs.discard()
 
 
 def pyplot() -> Any:

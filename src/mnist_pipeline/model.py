@@ -7,10 +7,8 @@ import logging
 import keras
 import tensorflow as tf
 
-from mnist_pipeline.artifacts import NUM_CLASSES
+from mnist_pipeline.artifacts import INPUT_DIM, NUM_CLASSES
 from mnist_pipeline.config import OPTIMIZERS, ModelConfig, OptimizerConfig
-
-INPUT_DIM = 28 * 28
 
 
 def build_model(

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_pipeline import files
-from mnist_pipeline.config import describe, load_config
+from mnist_pipeline.config import describe, flatten, load_config
 from mnist_pipeline.errors import ConfigError, exit_on_error
 from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
 
@@ -72,6 +72,64 @@ def check(params: Path, conf: Path, stamp: Path) -> None:
             file=sys.stderr,
         )
     files.write_bytes(stamp, b"params.yaml and conf/ passed the schema checks\n")
+
+
+#: The safe way to run experiments side by side, named in the guard's error.
+SAFE_PATH = (
+    "run experiments side by side with `dvc exp run --queue ...` then `dvc queue start`, "
+    "or `dvc exp run --temp`: each gets its own copy of the workspace"
+)
+
+
+def params_file_in_use() -> Path | None:
+    """``params.yaml`` when this process is a DVC stage reading it (``--config-name params``
+    in the working folder), else None (an in-process run, a sweep job, a stage on conf/)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    path = Path(hydra_cfg.runtime.cwd) / "params.yaml"
+    return path if hydra_cfg.job.config_name == "params" and path.is_file() else None
+
+
+def read_sections(path: Path, sections: tuple[str, ...]) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    return {key: data.get(key) for key in sections}
+
+
+def _differences(then: dict, now: dict) -> str:
+    a, b = flatten(then), flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5])
+
+
+class ParamsGuard:
+    """Two commands in one workspace (two ``dvc exp run -S``, an editor saving params.yaml)
+    can rewrite params.yaml while a stage runs; DVC then records the result under params it
+    was not made with. A stage takes a guard at its start and calls ``check`` before it puts
+    its outputs in place: a change fails the stage, loudly, with nothing saved.
+
+    ``sections``: the params the result depends on (the train stage's, from dvc.yaml)."""
+
+    def __init__(self, sections: tuple[str, ...]) -> None:
+        self.path = params_file_in_use()
+        self.sections = sections
+        self.values = None if self.path is None else read_sections(self.path, sections)
+
+    def check(self, expected: dict | None = None, what: str = "this stage started") -> None:
+        """Refuse if params.yaml no longer says what it said when ``what`` (``expected``:
+        what it said then, when another stage recorded it)."""
+        then = self.values if expected is None else expected
+        if self.path is None or then is None:
+            return
+        now = read_sections(self.path, self.sections)
+        if now != then:
+            raise ConfigError(
+                f"params.yaml changed since {what} ({_differences(then, now)}): another "
+                "command in this workspace rewrote it, and DVC would record this result "
+                f"under params it was not made with, so nothing was saved. To {SAFE_PATH}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

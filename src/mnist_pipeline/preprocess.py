@@ -125,9 +125,11 @@ def preprocess(cfg: PipelineConfig) -> dict:
     stats = statistics(train_images, {"train": y_train, "val": y_val, "test": test_labels})
 
     params = select(flatten(cfg), stage_params("preprocess"))
-    with tracking.start_run(cfg, "preprocess", params=params):
-        digest = artifacts.write_processed(out, arrays, artifacts.inputs_key(cfg))
-        files.write_json(Path(cfg.paths.reports) / STATS_FILE, stats)
+    # Staged: the arrays, manifest and statistics are put in place together, and only once
+    # the run is recorded; a full disk half-way replaces nothing.
+    with files.staged() as outputs, tracking.start_run(cfg, "preprocess", params=params):
+        digest = artifacts.write_processed(out, arrays, artifacts.inputs_key(cfg), outputs)
+        files.write_json(outputs.path(Path(cfg.paths.reports) / STATS_FILE), stats)
         tracking.set_tags({"data.content_sha256": digest})
         tracking.log_metrics({k: v for k, v in stats.items() if not isinstance(v, dict)})
         tracking.log_dict(stats, "data_stats.json")

@@ -14,6 +14,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from mnist_pipeline import memory
 from mnist_pipeline.dvcfiles import dirty_check_args
 from mnist_pipeline.project import project_root
 
@@ -63,6 +64,8 @@ def provenance_tags() -> dict[str, str]:
         "python.version": platform.python_version(),
         "process.host": socket.gethostname(),
         "process.pid": str(os.getpid()),
+        # The kernel's OOM-kill counters now: if the process dies, the next run compares.
+        "process.oom_kills": memory.snapshot_tag(),
     }
     if commit is None:
         tags["git.error"] = git_problem()

@@ -25,7 +25,7 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
-from mnist_pipeline import faults, run_names, store_address
+from mnist_pipeline import faults, memory, run_names, store_address
 from mnist_pipeline.config import PipelineConfig, flatten
 from mnist_pipeline.errors import DEBUG_ENV, ConfigError
 from mnist_pipeline.project import project_root
@@ -205,7 +205,8 @@ def ensure_experiment(name: str) -> str:
     """Create the experiment (and so the database) if needed; return its id.
 
     On a SQLite store, artifacts go beside the database under ``mlartifacts/``, at an
-    absolute path, instead of MLflow's cwd-relative ``./mlruns``. A tracking server
+    absolute path, instead of MLflow's cwd-relative ``./mlruns``; a store that was moved or
+    copied since is made to point there again (``_follow_moved_store``). A tracking server
     decides for itself.
     """
     mlflow = configured_mlflow()
@@ -217,15 +218,55 @@ def ensure_experiment(name: str) -> str:
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`, or "
             "log to another one (tracking.experiment_name=...)"
         )
-    if experiment is not None:
-        return experiment.experiment_id
     database = store_address.sqlite_path(tracking_uri())
     location = None if database is None else (database.parent / "mlartifacts").as_uri()
+    if experiment is not None:
+        if location is not None and experiment.artifact_location != location:
+            _follow_moved_store(database, experiment.artifact_location, location)
+        return experiment.experiment_id
     try:
         return store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         return store.get_experiment_by_name(name).experiment_id
+
+
+#: Where MLflow's SQL schema keeps locations of artifacts: (table, column).
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def _follow_moved_store(database: Path, old: str, new: str) -> None:
+    """The project (and its store) was moved or copied: the experiment still names the old
+    folder's ``mlartifacts/``, an absolute location fixed when it was created. Left alone,
+    new artifacts would go to the old folder (recreating it after a ``mv``, writing into the
+    original after a copy) and moved ones would not load. Every location under the old folder
+    is pointed at the same place beside the store, where the move took them."""
+    if not (old.startswith("file:") and old.rstrip("/").endswith("/mlartifacts")):
+        return  # not a location this project chose: leave it to its owner
+    old = old.rstrip("/")
+    with sqlite3.connect(database, timeout=faults.LOCK_WAIT_S) as con:
+        tables = {row[0] for row in con.execute("select name from sqlite_master")}
+        changed = 0
+        for table, column in _LOCATION_COLUMNS:
+            if table in tables:
+                changed += con.execute(
+                    f"update {table} set {column} = ? || substr({column}, ?) "
+                    f"where {column} = ? or substr({column}, 1, ?) = ?",
+                    (new, len(old) + 1, old, len(old) + 1, old + "/"),
+                ).rowcount
+    log.warning(
+        "this store was moved or copied: its artifacts were recorded under %s; %d locations "
+        "now point beside it, at %s",
+        old,
+        changed,
+        new,
+    )
 
 
 # --- how runs are opened and closed -----------------------------------------------------
@@ -325,7 +366,14 @@ def close_dead_runs(experiment_id: str) -> list[str]:
 
 
 def dead_run_reason(pid: int, tags: dict[str, str]) -> str:
-    """Why a run was left RUNNING by a process that is gone, as far as can be told."""
+    """Why a run was left RUNNING by a process that is gone, as far as can be told: the
+    kernel's OOM killer when its counters rose since the run began (``memory``)."""
+    oom = memory.killed_by_oom(tags.get("process.oom_kills", ""))
+    if oom:
+        return (
+            f"process {pid} died while the run was open, likely out of memory: {oom}; "
+            f"{faults.MEMORY_HINT}"
+        )
     return (
         f"process {pid} died while the run was open, or could not record its end (it was "
         "killed, crashed, or its store was not writable when it failed)"

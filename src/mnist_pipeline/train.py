@@ -28,11 +28,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import artifacts, distribute, files, quiet, tracking
+from mnist_pipeline import artifacts, distribute, files, memory, quiet, tracking
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.project import CONF_DIR
+from mnist_pipeline.params import ParamsGuard
+from mnist_pipeline.project import CONF_DIR, stage_params
 
 if TYPE_CHECKING:
     import keras
@@ -47,15 +48,19 @@ HISTORY_PNG = "train_history.png"
 def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[str, float]:
     """Train, then (on the chief) save the model and its run reference; return the training
     metrics. ``job`` makes the run a sweep's child or a reproduction."""
+    # What params.yaml says now, to compare before anything is put in place.
+    guard = ParamsGuard(stage_params("train"))
+    models, processed = Path(cfg.paths.models), Path(cfg.paths.processed)
+    x_mapped, y_train = artifacts.load_processed(processed, "train")  # memory-mapped: cheap
+    # A network that cannot fit is refused before TensorFlow allocates anything.
+    memory.check_fits(cfg, len(x_mapped))
     # Keras and TensorFlow cost seconds to import: only when training.
     from mnist_pipeline.model import build_model, seed_everything
 
     # First of all: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
     dist = distribute.setup(cfg.train.strategy)
-    models, processed = Path(cfg.paths.models), Path(cfg.paths.processed)
     if dist.chief:
         artifacts.clear_run_ref(models)
-    x_mapped, y_train = artifacts.load_processed(processed, "train")
     x_val, y_val = artifacts.load_processed(processed, "val")
     digest = used_data_hash(processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)})
     example = np.array(x_mapped[:5])
@@ -72,7 +77,12 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
     x_train, y_onehot = _tensors(x_mapped, y_train)
     validation = _tensors(x_val, y_val) if len(x_val) else None
 
-    with tracking.start_run(cfg, "train", job=job) if dist.chief else nullcontext() as run:
+    # Outputs are staged and put in place only once the run is recorded FINISHED: a failure
+    # anywhere (a full disk at model.save, a store that cannot be written) replaces nothing.
+    with (
+        files.staged() as outputs,
+        tracking.start_run(cfg, "train", job=job) if dist.chief else nullcontext() as run,
+    ):
         if dist.chief:
             tracking.log_run_spec(cfg, digest)
             tracking.log_dataset(x_mapped, y_train, "mnist-train", digest, context="training")
@@ -100,7 +110,8 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
             # what a hyperparameter search optimises instead of the test set.
             val_loss, val_accuracy = model.evaluate(*validation, batch_size=1024, verbose=0)
             metrics.update(val_accuracy=val_accuracy, val_loss=val_loss)
-        publish(cfg, run, model, example, history, metrics, fit_seconds)
+        publish(cfg, run, model, example, history, metrics, fit_seconds, outputs, guard.values)
+        guard.check()
     log.info("fit_accuracy %.4f, train_accuracy %.4f", metrics["fit_accuracy"], train_accuracy)
     return metrics
 
@@ -190,9 +201,11 @@ def publish(
     history: dict[str, list[float]],
     metrics: dict[str, float],
     fit_seconds: float,
+    outputs: files.Staged,
+    params_yaml: dict | None = None,
 ) -> None:
     """The chief's outputs: metrics and the model in MLflow, the history for DVC plots, the
-    model file and ``run.json`` (written last: it vouches for the rest)."""
+    model file and ``run.json`` (all staged: put in place once the run is recorded)."""
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     final_val = {k: v for k, v in metrics.items() if k.startswith("val_")}
     rest = {k: v for k, v in metrics.items() if k not in final_val}
@@ -201,9 +214,9 @@ def publish(
         # The step after the last epoch's (epochs count from 1): the run's val_accuracy
         # in MLflow is then the final model's, not the last epoch's.
         tracking.log_metrics(final_val, step=metrics["epochs_run"] + 1)
-    artifacts.write_history(reports, history)
-    plot_history(reports / HISTORY_PNG, history)
-    artifacts.save_model(model, models)
+    artifacts.write_history(reports, history, outputs)
+    plot_history(outputs.path(reports / HISTORY_PNG), history)
+    artifacts.save_model(model, models, outputs)
     model_uri = tracking.log_keras_model(model, example)
     tracking.set_tags({"model_uri": model_uri})
     artifacts.write_run_ref(
@@ -214,7 +227,11 @@ def publish(
             "model_uri": model_uri,
             "train_metrics": {k: float(v) for k, v in metrics.items()},
             "fit_seconds": round(fit_seconds, 3),
+            # What params.yaml said when training began (None outside DVC): evaluate checks
+            # that it still says so.
+            "params_yaml": params_yaml,
         },
+        outputs,
     )
 
 

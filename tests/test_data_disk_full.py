@@ -1,0 +1,97 @@
+"""Issue 14, class 2: the data disk fills during preprocess, train or evaluate. Through the
+real stage commands on a real full file system (a small tmpfs): one ``error:`` line, no output
+replaced by the failed run's, the run FAILED with the reason, and a rerun after freeing space
+that just works."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.helpers.config import sha_overrides
+from tests.helpers.faults import digests, fill, one_error_line, tmpfs
+from tests.helpers.processes import run_stage
+
+
+@pytest.fixture
+def disk(tmp_path):
+    with tmpfs(tmp_path / "disk", "3m") as mount:
+        yield mount
+
+
+def run(name: str, work: Path, sha: dict, *overrides: str):
+    return run_stage(name, work, dict(os.environ), *sha_overrides(sha), *overrides)
+
+
+def last_run(stage: str):
+    return mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string=f"tags.stage = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
+
+
+def no_staging_left(folder: Path) -> bool:
+    return not list(folder.rglob(".*.tmp"))
+
+
+def test_preprocess_on_a_full_disk_replaces_nothing(
+    seeded_store, tiny_cfg, tiny_mirror, workdir, disk
+):
+    from mnist_pipeline import download
+
+    download.download(tiny_cfg)
+    sha = tiny_mirror[1]
+    where = [f"paths.processed={disk / 'processed'}", f"paths.reports={disk / 'reports'}"]
+    assert run("preprocess", workdir, sha, *where).returncode == 0
+    before = digests(disk)
+    filler = fill(disk)
+    result = run("preprocess", workdir, sha, *where, "data.val_split=0.25")
+    one_error_line(result, "no space left on", "free space", "no output was replaced")
+    assert digests(disk) == before  # the old arrays, manifest and statistics
+    assert no_staging_left(disk)
+    assert last_run("preprocess").info.status == "FAILED"
+    filler.unlink()
+    assert run("preprocess", workdir, sha, *where, "data.val_split=0.25").returncode == 0
+    assert digests(disk) != before
+
+
+def test_train_and_evaluate_on_a_full_disk_replace_nothing(
+    seeded_store, prepared, tiny_mirror, workdir, disk
+):
+    sha = tiny_mirror[1]
+    where = [f"paths.models={disk / 'models'}", f"paths.reports={disk / 'reports'}"]
+    common = ["train.epochs=1", "model.units=32", *where]
+    (disk / "reports").mkdir()
+    (disk / "models").mkdir()
+    for name, folder in (("train_history.csv", "reports"), ("model.keras", "models")):
+        (disk / folder / name).write_text("the last good run's\n")
+    before = digests(disk)
+
+    filler = fill(disk)
+    result = run("train", workdir, sha, *common)
+    one_error_line(result, "no space left on", "free space", "no output was replaced")
+    assert digests(disk) == before and no_staging_left(disk)
+    failed = last_run("train")
+    assert failed.info.status == "FAILED" and "No space left" in failed.data.tags["error"]
+
+    filler.unlink()
+    assert run("train", workdir, sha, *common).returncode == 0
+    trained = digests(disk)
+    assert trained["models/model.keras"] != before["models/model.keras"]
+
+    (disk / "reports" / "metrics.json").write_text("the last good run's\n")
+    trained = digests(disk)
+    filler = fill(disk)
+    result = run("evaluate", workdir, sha, *common)
+    one_error_line(result, "no space left on", "free space", "no output was replaced")
+    assert digests(disk) == trained and no_staging_left(disk)
+    # evaluate adds to the train run: the failure is recorded there
+    assert "No space left" in last_run("train").data.tags["error"]
+    filler.unlink()
+    assert run("evaluate", workdir, sha, *common).returncode == 0
+    assert digests(disk)["reports/metrics.json"] != trained["reports/metrics.json"]
