@@ -23,6 +23,7 @@ import numpy as np
 
 from mnist_pipeline.artifacts import MODEL_FILE
 from mnist_pipeline.errors import PipelineError, exit_on_error
+from mnist_pipeline.store_address import redact
 
 DEFAULT_MODEL = f"models/{MODEL_FILE}"
 
@@ -52,7 +53,7 @@ def load_classifier(model: str) -> Classifier:
     except Exception as exc:  # MLflow raises many types for a missing or broken model
         reason = str(getattr(exc, "message", exc)).splitlines()[0]
         raise PipelineError(
-            f"cannot load model {model} from {tracking.tracking_uri()}: {reason}"
+            f"cannot load model {model} from {redact(tracking.tracking_uri())}: {reason}"
         ) from None
 
     def classify(x: np.ndarray) -> Any:

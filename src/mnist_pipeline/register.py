@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.force or args.version) and not args.promote:
         parser.error("--force and --version go with --promote")
     quiet_libraries()
-    with exit_on_error():
+    with exit_on_error(store=tracking.store_label):
         cfg = load_cfg(args.overrides)
         if args.promote:
             return 0 if promote(cfg, args.version, args.force) else 1

@@ -42,7 +42,8 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         experiment = config.tracking.experiment_name
-        with exit_on_error():  # an unusable store: stop before any job starts
+        # an unusable store: stop before any job starts
+        with exit_on_error(store=tracking.store_label):
             tracking.ensure_experiment(experiment)
         try:
             ensure_processed(load_config(_task_config(config)))
