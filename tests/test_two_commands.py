@@ -1,0 +1,152 @@
+"""Issue 14, class 5: two commands in one workspace never record a result under params it was
+not made with. Through real DVC: a second ``dvc exp run -S`` rewriting params.yaml while the
+first trains, an editor saving params.yaml during ``dvc repro``, and params.yaml edited
+between train and evaluate: each fails loudly, and nothing records the wrong pairing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from mnist_pipeline.params import compose_params
+from tests.helpers.config import edit_yaml
+from tests.helpers.store import seed
+from tests.helpers.workspace import copy_project, git_commit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_mirror, store_template):
+    folder, sha = tiny_mirror
+    repo = copy_project(tmp_path / "repo", commit=False)
+    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
+    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
+    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
+    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
+    uri = f"sqlite:///{seed(store_template, tmp_path / 'mlflow.db')}"
+    env = {
+        **os.environ,
+        "MNIST_MIRROR": str(folder),
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    git_commit(repo, env)
+    mlflow.set_tracking_uri(uri)
+    yield repo, env
+    mlflow.set_tracking_uri(None)
+
+
+def start(cmd: list[str], repo: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for_training(proc: subprocess.Popen) -> None:
+    """Until a train run is open (the stage is past reading its params)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if mlflow.search_runs(
+            search_all_experiments=True,
+            output_format="list",
+            filter_string="tags.stage = 'train' and attributes.status = 'RUNNING'",
+        ):
+            return
+        time.sleep(0.5)
+    raise AssertionError(proc.communicate()[0][-3000:])
+
+
+def lock_stages(repo: Path) -> dict:
+    lock = repo / "dvc.lock"
+    return yaml.safe_load(lock.read_text())["stages"] if lock.exists() else {}
+
+
+def test_a_second_exp_run_cannot_pair_its_params_with_the_firsts_result(repo):
+    repo, env = repo
+    first = start(["dvc", "exp", "run", "-S", "train.epochs=3000"], repo, env)
+    wait_for_training(first)
+    second = subprocess.run(
+        ["dvc", "exp", "run", "-S", "model.units=16"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = first.communicate(timeout=900)[0]
+    # DVC's behaviour (3.x): the second applies -S to params.yaml, then fails on the lock.
+    assert second.returncode != 0
+    assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["units"] == 16
+    assert first.returncode != 0, output[-3000:]
+    # (DVC composed the second's params from conf/: train.epochs is back to 1 there too)
+    assert "params.yaml changed since this stage started (model.units: 32 -> 16" in output, output[
+        -3000:
+    ]
+    assert "dvc exp run --queue" in output and "Traceback" not in output
+    assert "train" not in lock_stages(repo)  # DVC recorded no result for these params
+    assert not (repo / "models" / "model.keras").exists()
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True
+    ).stdout
+    assert '"test_accuracy"' not in shown
+    failed = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string="tags.stage = 'train'"
+    )
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert "params.yaml changed" in failed[0].data.tags["error"]
+
+
+def test_params_edited_during_repro_or_before_evaluate_fail_loudly(repo):
+    repo, env = repo
+    # An editor saves params.yaml while `dvc repro` trains.
+    params = repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("epochs: 1\n", "epochs: 3000\n"))
+    git_commit(repo, env, "long training")
+    proc = start(["dvc", "repro"], repo, env)
+    wait_for_training(proc)
+    edit_yaml(params, **{"optimizer.learning_rate": 0.5})
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode != 0, output[-3000:]
+    assert "params.yaml changed since this stage started (optimizer.learning_rate" in output, (
+        output[-3000:]
+    )
+    assert "train" not in lock_stages(repo)
+
+    # Train with what params.yaml says now, then change it before evaluate runs by hand.
+    params.write_text(original)
+    subprocess.run(["dvc", "repro", "train"], cwd=repo, env=env, check=True, capture_output=True)
+    edit_yaml(params, **{"model.units": 64})
+    evaluate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_pipeline.evaluate",
+            "--config-dir",
+            ".",
+            "--config-name",
+            "params",
+        ],
+        cwd=repo,
+        env={**env, "PYTHONPATH": str(repo / "src")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluate.returncode == 1
+    last = evaluate.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: params.yaml changed since the model was trained")
+    assert "model.units: 32 -> 64" in last
+    assert not (repo / "reports" / "metrics.json").exists()
