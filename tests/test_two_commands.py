@@ -5,7 +5,6 @@ between train and evaluate: each fails loudly, and nothing records the wrong pai
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,35 +14,19 @@ import mlflow
 import pytest
 import yaml
 
-from mnist_pipeline.params import compose_params
+from mnist_pipeline.store_address import sqlite_path
 from tests.helpers.config import edit_yaml
 from tests.helpers.store import seed
-from tests.helpers.workspace import copy_project, git_commit
+from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def repo(tmp_path, tiny_mirror, store_template):
-    folder, sha = tiny_mirror
-    repo = copy_project(tmp_path / "repo", commit=False)
-    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
-    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
-    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
-    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
-    uri = f"sqlite:///{seed(store_template, tmp_path / 'mlflow.db')}"
-    env = {
-        **os.environ,
-        "MNIST_MIRROR": str(folder),
-        "MLFLOW_TRACKING_URI": uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    git_commit(repo, env)
-    mlflow.set_tracking_uri(uri)
+    repo, env = tiny_dvc_project(tmp_path, *tiny_mirror)
+    seed(store_template, sqlite_path(env["MLFLOW_TRACKING_URI"]))
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     yield repo, env
     mlflow.set_tracking_uri(None)
 
