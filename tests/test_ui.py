@@ -131,7 +131,7 @@ def test_a_busy_port_is_a_one_line_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"not a database" * 300, "file is not a database"),  # a damaged or foreign file
+        (b"not a database" * 300, "is corrupt (file is not a database)"),  # damaged
         (b"", None),  # an empty file is a fresh store: it starts
     ],
 )
@@ -150,9 +150,24 @@ def test_a_store_the_server_cannot_open_is_a_one_line_error(tmp_path, content, r
         server.close()
     err = (tmp_path / "ui.log").read_text()
     assert server.process.returncode == 1
-    assert err.startswith("error: mlflow server exited with status 1: " + reason), err
+    assert err.startswith("error: ") and reason in err, err
     assert len(err.strip().splitlines()) == 1, err  # no traceback
     assert store.read_bytes() == content  # left as it was
+
+
+def test_a_server_that_dies_says_why_in_one_line(tmp_path):
+    """Options ``make ui`` does not know go to ``mlflow server``; one it rejects ends the
+    launcher with the server's own reason, not its traceback or usage text."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    server = UiServer(env, free_port(), tmp_path / "ui.log", extra=["--no-such-option"])
+    try:
+        server.process.wait(timeout=300)
+    finally:
+        server.close()
+    err = (tmp_path / "ui.log").read_text()
+    assert server.process.returncode == 1
+    assert err.startswith("error: mlflow server exited with status 2: "), err
+    assert "--no-such-option" in err and len(err.strip().splitlines()) == 1, err
 
 
 # --- the browser test -----------------------------------------------------------------------
@@ -213,10 +228,10 @@ def chromium_or_skip() -> str:
 class UiServer:
     """`python -m mnist_pipeline.ui` (what `make ui` runs) on a free port, until closed."""
 
-    def __init__(self, env: dict, port: int, log: Path) -> None:
+    def __init__(self, env: dict, port: int, log: Path, extra: list[str] = ()) -> None:
         self.log = log.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_pipeline.ui", "--port", str(port)],
+            [sys.executable, "-m", "mnist_pipeline.ui", "--port", str(port), *extra],
             env=env,
             stdout=subprocess.PIPE,
             stderr=self.log,

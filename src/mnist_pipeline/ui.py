@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"The runs are on the tracking server {store}; open:")
             print(address(store, experiment_id))
             return 0
+        tracking.check_store(store)  # a store the server could not open, in one line
         check_port(args.host, args.port)
     # `kill` (SIGTERM) stops the server too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
