@@ -109,9 +109,7 @@ screenshots: $(ALL_STAMP)
 
 ## Serve the registered champion model (docs/serving.md): POST to http://127.0.0.1:5001/invocations
 serve: setup
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-		mlflow models serve -m "models:/$${MODEL:-mnist@champion}" --env-manager local \
-		--host 127.0.0.1 --port $${PORT:-5001}
+	python -m mnist_pipeline.serve --model "models:/$${MODEL:-mnist@champion}" --port "$${PORT:-5001}"
 
 ## A shared MLflow tracking server on PostgreSQL (docs/operations.md).
 ## Runs in PostgreSQL, artifacts stored and served by the server. Settings:

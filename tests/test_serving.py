@@ -177,13 +177,14 @@ def free_port() -> int:
 
 
 class ScoringServer:
-    """``mlflow models serve`` for a model URI, on a free loopback port, stopped by close()."""
+    """``python -m mnist_pipeline.serve`` (what ``make serve`` runs: ``mlflow models serve``
+    once the model is found) for a model URI, on a free loopback port, stopped by close()."""
 
     def __init__(self, model_uri: str, env: dict, log: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
-        command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", port, "-w", "1"]
+        command = [sys.executable, "-m", "mnist_pipeline.serve", "--model", model_uri]
+        command += ["--port", port]
         self.log = log
         with log.open("w") as out:
             self.process = subprocess.Popen(
@@ -401,6 +402,32 @@ def test_predict_png_files_gets_the_labels(in_project, tmp_path, capsys):
     assert set(got) == set(expected)
     right = np.mean([got[k] == v for k, v in expected.items()])
     assert right >= min(0.9, metrics["test_accuracy"] - 0.05), (right, metrics)
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        (
+            "models:/no-such-model@champion",
+            "no registered model 'no-such-model' in the MLflow store",
+        ),
+        ("models:/mnist@no-such-alias", "registered model 'mnist' has no alias 'no-such-alias'"),
+        ("models:/mnist/999", "registered model 'mnist' has no version 999"),
+        ("mnist", "expected models:/<name>@<alias> or models:/<name>/<version>"),
+    ],
+)
+def test_serve_says_which_model_is_missing(in_project, capsys, model, says):
+    """`make serve` before anything is registered (or with a typo): one line that says how to
+    register, before MLflow's server starts."""
+    from mnist_pipeline import serve
+
+    if "mnist@" in model or "mnist/" in model:
+        assert exit_code(register.main, ["registry.max_gap=1.0"]) == 0  # `mnist` exists
+    capsys.readouterr()
+    assert exit_code(serve.main, ["--model", model]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow
