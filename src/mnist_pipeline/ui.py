@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"http://{reach}:{args.port}"
     server = subprocess.Popen(
         server_command(store, args.host, args.port, extra),
-        env={**os.environ, **FAST_START_ENV},
+        # Unbuffered: its log goes through a pipe (ServerOutput), line by line as on a terminal.
+        env={**os.environ, **FAST_START_ENV, "PYTHONUNBUFFERED": "1"},
         cwd=PROJECT_ROOT,
         start_new_session=True,  # stopped as a group: the server and its worker
         stdout=subprocess.PIPE,
