@@ -283,7 +283,7 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
         else:
             reasons.insert(0, "no champion yet")
         print(f"promoted: version {candidate.number} is champion: {', '.join(reasons)}")
-    print(f"serve it: mlflow models serve -m models:/{name}@{CHAMPION} --env-manager local")
+    print(f"serve it: make serve  (MODEL={name}@{CHAMPION}: mlflow models serve, checked first)")
     return True
 
 
