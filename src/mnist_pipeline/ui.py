@@ -19,9 +19,9 @@ Three things make the page useful, and each is MLflow's own mechanism:
   to minutes. One person's browser needs one worker and no jobs: ``--workers 1`` and
   ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, both documented MLflow settings. The server
   is started first, and this process imports MLflow while the server does (two cores, two
-  imports at once) and prepares a store that MLflow has set up meanwhile; a fresh store
-  only once the server answers: ``mlflow server`` creates its tables before it starts
-  answering, and two processes setting up one fresh SQLite store at once make one fail.
+  imports at once); the store is prepared once the server answers: ``mlflow server``
+  creates or migrates the store before it starts answering, and two processes migrating
+  one fresh SQLite store at once make one of them fail.
 
 Any other option goes to ``mlflow server`` as it is. With ``MLFLOW_TRACKING_URI`` pointing at
 a tracking server, nothing is started: the view is set there and its address printed.
@@ -36,17 +36,15 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import store_address, tracking
+from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, exit_on_error
 from mnist_pipeline.project import PROJECT_ROOT
 
@@ -139,20 +137,6 @@ def prepare(experiment_name: str, store: str) -> str:
     except Exception as exc:  # MLflow and SQLAlchemy errors: one line, not a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"cannot use the MLflow store {store}: {first}") from None
-
-
-def already_set_up(store: str) -> bool:
-    """Whether ``store`` is a SQLite file whose tables MLflow has made (it records a schema
-    revision): then the server does not migrate it, and this process can prepare it while
-    the server starts. Read-only: never creates a file."""
-    database = store_address.sqlite_path(store)
-    if database is None or not database.is_file():
-        return False
-    try:
-        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as con:
-            return con.execute("select version_num from alembic_version").fetchone() is not None
-    except sqlite3.Error:
-        return False
 
 
 def import_mlflow() -> None:
@@ -255,7 +239,7 @@ def wait_until_up(
                     return
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.2)
     raise PipelineError(f"mlflow server did not answer at {url} within {timeout_s:.0f} s")
 
 
@@ -314,13 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_mlflow()  # while the server imports it too
         with exit_on_error():
-            # A fresh store only once the server answers: it creates the tables first.
-            early = already_set_up(store)
-            if early:
-                experiment_id = prepare(args.experiment, store)
             wait_until_up(server, url, args.timeout, output, store)
-            if not early:
-                experiment_id = prepare(args.experiment, store)
+            # Not before: the server creates or migrates a fresh store (see the docstring).
+            experiment_id = prepare(args.experiment, store)
         print(
             f"\nMLflow UI for {store}\nCompare the runs here (Ctrl-C stops it):\n\n"
             f"    {address(shown, experiment_id)}\n",
