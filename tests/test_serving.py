@@ -24,6 +24,7 @@ from mnist_pipeline.artifacts import MNIST_FILES, RUN_FILE
 from mnist_pipeline.errors import DataError
 from mnist_pipeline.idx import to_idx_bytes, write_idx
 from tests.helpers.config import compose_config, sha_overrides
+from tests.helpers.processes import run_stage
 
 
 def exit_code(main, argv: list[str]) -> int:
@@ -369,17 +370,6 @@ def write_pngs(folder: Path, arrays: dict, count: int) -> dict[str, int]:
     return expected
 
 
-def run_cli(module: str, *args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"mnist_pipeline.{module}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_predict_png_files_gets_the_labels(in_project, tmp_path, capsys):
     """PNG files made from test images: `predict` names their digits as the evaluate stage
@@ -444,9 +434,9 @@ def test_serve_champion_over_http(in_project, tmp_path):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     loose = "registry.max_gap=1.0"
-    result = run_cli("register", loose, env=env, cwd=work)
+    result = run_stage("register", work, env, loose)
     assert result.returncode == 0, result.stderr
-    result = run_cli("register", "--promote", loose, env=env, cwd=work)
+    result = run_stage("register", work, env, "--promote", loose)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is champion" in result.stdout or "already the champion" in result.stdout
 
@@ -490,7 +480,7 @@ def test_serve_champion_over_http(in_project, tmp_path):
         server.close()
 
     # The same files through `predict` (a real CLI run) on the same model: the same digits.
-    result = run_cli("predict", "--model", "models:/mnist@champion", str(pngs), env=env, cwd=work)
+    result = run_stage("predict", work, env, "--model", "models:/mnist@champion", str(pngs))
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
     assert [name for name, _, _ in lines] == sorted(expected)

@@ -5,14 +5,13 @@ missing store create nothing, and a failed ``reproduce`` leaves no temporary fol
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mnist_pipeline.download import download
 from mnist_pipeline.errors import DataError
+from tests.helpers.processes import run_stage
 
 
 @pytest.mark.parametrize(
@@ -45,14 +44,7 @@ def test_a_redirect_to_another_https_url_is_followed(tiny_cfg, https_mirror, mon
 
 def command(module: str, *args: str, cwd: Path, uri: str, tmp: Path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(tmp)}
-    return subprocess.run(
-        [sys.executable, "-m", f"mnist_pipeline.{module}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_stage(module, cwd, env, *args, timeout=300)
 
 
 def tree(path: Path) -> list[str]:

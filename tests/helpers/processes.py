@@ -37,7 +37,8 @@ def run_pipeline(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProces
 def run_stage(
     stage: str, cwd: Path, env: dict, *overrides: str, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """A stage as its own process, run to the end; ``.seconds`` says how long it took."""
+    """A stage (or any other command: ``python -m mnist_pipeline.<stage> args...``) as its own
+    process, run to the end; ``.seconds`` says how long it took."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", f"mnist_pipeline.{stage}", *overrides],
