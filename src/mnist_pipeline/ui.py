@@ -190,9 +190,9 @@ _EXCEPTION_LINE = re.compile(
 
 
 class ServerOutput:
-    """The server's output: held back until it answers, then passed on to stderr (its request
-    log). A server that dies before answering (a store it cannot open, an option it does not
-    know) has printed a traceback; what the user gets is its last line, the reason."""
+    """The server's output: kept (not shown) until it answers, then each new line passed on
+    to stderr (its request log). A server that dies before answering (a store it cannot open,
+    an option it does not know) has printed a traceback; what the user gets is its reason."""
 
     def __init__(self, process: subprocess.Popen) -> None:
         self.held: list[str] = []
