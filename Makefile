@@ -73,16 +73,17 @@ lint: setup
 	ruff format --check src tests tools bench
 	python tools/check_imports.py src
 
+# The baseline's own environment: the book's readers run its script with TensorFlow, Keras
+# and NumPy alone (uv.lock's versions, bench/requirements-tf.txt), not in .venv, where Keras
+# imports the pandas, scikit-learn and Matplotlib it finds. Rebuilt only when the pins change.
+# (Defined before the rule: make reads a rule's prerequisites as it reaches them.)
+BENCH_VENV := bench/.venv-tf
+BENCH_STAMP := $(BENCH_VENV)/.synced
+
 ## The benchmark against the book's plain script (about 20 minutes).
 ## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
 bench: setup $(BENCH_STAMP)
 	python bench/run.py --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
-
-# The baseline's own environment: the book's readers run its script with TensorFlow, Keras
-# and NumPy alone (uv.lock's versions, bench/requirements-tf.txt), not in .venv, where Keras
-# imports the pandas, scikit-learn and Matplotlib it finds. Rebuilt only when the pins change.
-BENCH_VENV := bench/.venv-tf
-BENCH_STAMP := $(BENCH_VENV)/.synced
 
 bench/requirements-tf.txt: uv.lock | $(STAMP)
 	UV="$(UV)" python bench/tf_requirements.py

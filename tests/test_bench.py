@@ -3,6 +3,7 @@ NumPy alone, pinned exactly as uv.lock pins them (bench/tf_requirements.py)."""
 
 import importlib.util
 import shutil
+import subprocess
 import tomllib
 
 import pytest
@@ -50,3 +51,20 @@ def test_closure_follows_dependencies_and_extras():
         ]
     }
     assert tf_requirements.closure(lock, ("a",)) == {"a", "b", "c"}
+
+
+def test_make_bench_builds_the_baseline_environment_first(tmp_path):
+    """In a fresh clone (no bench/.venv-tf), `make bench` must build the baseline's
+    environment before timing anything; a prerequisite variable defined after the rule
+    reads as empty and the step is silently skipped."""
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    result = subprocess.run(
+        ["make", "-n", "bench"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    commands = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "pip sync --quiet --python bench/.venv-tf/bin/python" in commands, commands
+    assert commands.index(".venv-tf/bin/python bench/requirements-tf.txt") < commands.index(
+        "bench/run.py"
+    )

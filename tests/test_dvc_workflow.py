@@ -13,20 +13,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from mnist_pipeline.artifacts import HEADLINE_METRICS
 from mnist_pipeline.project import PROJECT_ROOT
 from tests.helpers.config import edit_yaml
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
 
-HEADLINE = {
-    "fit_accuracy",
-    "train_accuracy",
-    "train_loss",
-    "test_accuracy",
-    "test_loss",
-    "accuracy_gap",
-}
+HEADLINE = set(HEADLINE_METRICS)
 
 
 def make_variable(name: str) -> str:

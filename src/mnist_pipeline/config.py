@@ -13,6 +13,7 @@ before DVC writes ``params.yaml`` or removes an output.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
@@ -49,6 +50,11 @@ RESOLVER = "mnist_schema"
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}, got {value!r}")
+
+
+def _check_name(value: str, names: Collection[str], key: str) -> None:
+    """A name must be one of a registry's keys (the registry is the one list of them)."""
+    _check(value in names, key, f"must be one of {', '.join(names)}", value)
 
 
 @dataclass
@@ -88,12 +94,7 @@ class ModelConfig:
     def check(self) -> None:
         _check(self.layers >= 1, "model.layers", "must be >= 1", self.layers)
         _check(self.units >= 1, "model.units", "must be >= 1", self.units)
-        _check(
-            self.activation in ACTIVATIONS,
-            "model.activation",
-            f"must be one of {', '.join(ACTIVATIONS)}",
-            self.activation,
-        )
+        _check_name(self.activation, ACTIVATIONS, "model.activation")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
         _check(self.l2 >= 0.0, "model.l2", "must be >= 0", self.l2)
 
@@ -106,12 +107,7 @@ class OptimizerConfig:
     momentum: float | None = None
 
     def check(self) -> None:
-        _check(
-            self.name in OPTIMIZERS,
-            "optimizer.name",
-            f"must be one of {', '.join(OPTIMIZERS)}",
-            self.name,
-        )
+        _check_name(self.name, OPTIMIZERS, "optimizer.name")
         _check(self.learning_rate > 0, "optimizer.learning_rate", "must be > 0", self.learning_rate)
         if self.momentum is not None:
             takers = [n for n, o in OPTIMIZERS.items() if "momentum" in o.settings]
@@ -154,12 +150,7 @@ class TrainConfig:
             "must be >= 1",
             self.steps_per_execution,
         )
-        _check(
-            self.strategy in STRATEGIES,
-            "train.strategy",
-            f"must be one of {', '.join(STRATEGIES)}",
-            self.strategy,
-        )
+        _check_name(self.strategy, STRATEGIES, "train.strategy")
 
 
 @dataclass

@@ -36,15 +36,6 @@ from mnist_pipeline.runner import ensure_processed, run_pipeline
 
 log = logging.getLogger(__name__)
 
-COMPARED = [
-    "fit_accuracy",
-    "train_accuracy",
-    "train_loss",
-    "test_accuracy",
-    "test_loss",
-    "accuracy_gap",
-]
-
 
 def check_code(tags: dict[str, str]) -> None:
     """Refuse unless the working tree holds exactly the recorded commit."""
@@ -107,7 +98,7 @@ def reproduce(run_id: str, output_dir: Path) -> dict:
     new = tracking.get_run(new_run)
     differences = [
         f"{key}: {original.data.metrics[key]!r} then, {new.data.metrics[key]!r} now"
-        for key in COMPARED
+        for key in artifacts.HEADLINE_METRICS
         if key in original.data.metrics and original.data.metrics[key] != new.data.metrics.get(key)
     ]
     old_weights = tracking.load_logged_model(tags["model_uri"]).get_weights()
