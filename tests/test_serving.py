@@ -488,7 +488,8 @@ def test_serve_champion_over_http(in_project, tmp_path):
 
 
 def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
-    """A sweep registers its job with the highest test accuracy (ties: the smaller gap);
+    """A plain sweep (no validation split) registers its job with the highest test accuracy
+    (ties: the smaller gap);
     unfinished jobs and other sweeps' jobs are not candidates."""
     from mlflow import MlflowClient
 
@@ -511,6 +512,41 @@ def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
     job("s1", 0.99, 0.0, status="FAILED")
     job("s2", 0.995, 0.0)
     assert register.best_sweep_run("s1") == best != tie_bigger_gap
+
+
+def test_best_of_a_search_is_judged_on_validation_not_test(tracking_store):
+    """An Optuna study's best job is its best objective (validation), in the study's
+    direction, even where another trial scored higher on the test set; a sweep whose jobs
+    all held out a validation split is judged by val_accuracy."""
+    from mlflow import MlflowClient
+
+    from mnist_pipeline import tracking
+
+    client = MlflowClient()
+    experiment = tracking.ensure_experiment("mnist")
+
+    def job(sweep: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
+        run = client.create_run(
+            experiment, tags={"stage": "train", "sweep_id": sweep, **(tags or {})}
+        )
+        for key, value in {"accuracy_gap": 0.01, **metrics}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    up = {"optuna_direction": "maximize"}
+    job("study", {"objective": 0.96, "test_accuracy": 0.99}, up)
+    best = job("study", {"objective": 0.98, "test_accuracy": 0.97}, up)
+    assert register.best_sweep_run("study") == best
+
+    down = {"optuna_direction": "minimize"}
+    job("loss-study", {"objective": 0.30, "test_accuracy": 0.99}, down)
+    lowest = job("loss-study", {"objective": 0.10, "test_accuracy": 0.95}, down)
+    assert register.best_sweep_run("loss-study") == lowest
+
+    job("grid", {"val_accuracy": 0.95, "test_accuracy": 0.99})
+    best_val = job("grid", {"val_accuracy": 0.97, "test_accuracy": 0.96})
+    assert register.best_sweep_run("grid") == best_val
 
 
 def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):

@@ -74,16 +74,30 @@ def current_run_id(cfg: PipelineConfig) -> str:
 
 
 def best_sweep_run(sweep_id: str | None) -> str:
-    """The sweep job with the highest test accuracy (then the smallest gap)."""
+    """The sweep's best job, judged the way the sweep was: an Optuna study's trials by its
+    objective (scored on the validation split, so the test set stays unseen by the choice),
+    other sweeps by validation accuracy when every job held out a split, else by test
+    accuracy; ties go to the smaller train/test gap."""
     from mnist_pipeline.compare import select_runs
 
     runs = [r for r in select_runs(sweep_id=sweep_id) if "test_accuracy" in r.data.metrics]
     if not runs:
         raise PipelineError("no job of the sweep was evaluated (no test_accuracy)")
+    judged_by, sign = "test_accuracy", 1.0
+    if all("objective" in r.data.metrics for r in runs):
+        judged_by = "objective"
+        if {r.data.tags.get("optuna_direction") for r in runs} == {"minimize"}:
+            sign = -1.0
+    elif all("val_accuracy" in r.data.metrics for r in runs):
+        judged_by = "val_accuracy"
     best = max(
         runs,
-        key=lambda r: (r.data.metrics["test_accuracy"], -r.data.metrics.get("accuracy_gap", 1.0)),
+        key=lambda r: (
+            sign * r.data.metrics[judged_by],
+            -r.data.metrics.get("accuracy_gap", 1.0),
+        ),
     )
+    log.info("best job of the sweep by %s: %s", judged_by, best.info.run_id)
     return best.info.run_id
 
 
