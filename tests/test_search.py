@@ -13,12 +13,14 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.mnist_optuna_sweeper import (
     OptunaSweeper,
     distribution,
+    outcome,
     search_space,
     trial_overrides,
 )
@@ -27,16 +29,19 @@ from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import CONF_DIR
 
 STUDY = ("hparams_search=mnist_optuna", "train.epochs=1")
-#: conf/hparams_search/mnist_optuna.yaml's space, as the trials' MLflow params show it.
-SPACE = {
-    "model.layers": {"1", "2"},
-    "model.units": {"256", "512", "1024"},
-    "model.dropout": (0.0, 0.5),
-    "model.l2": (1e-7, 1e-4),
-    "optimizer.name": {"adam", "rmsprop"},
-    "optimizer.learning_rate": (1e-4, 3e-3),
-    "train.batch_size": {"64", "128", "256"},
-}
+
+
+def configured_space() -> dict[str, object]:
+    """The study's search space as conf/hparams_search/mnist_optuna.yaml declares it, as
+    Optuna distributions keyed by the MLflow param each one sets (``optimizer`` is the
+    ``optimizer.name`` param); keys the tests pin (``train.epochs``) are left out."""
+    config = yaml.safe_load((Path(CONF_DIR) / "hparams_search/mnist_optuna.yaml").read_text())
+    pinned = {line.split("=")[0] for line in STUDY}
+    return {
+        ("optimizer.name" if key == "optimizer" else key): distribution(parse(f"{key}={value}"))
+        for key, value in config["hydra"]["sweeper"]["params"].items()
+        if key not in pinned
+    }
 
 
 def load_study(store: str) -> optuna.Study | None:
@@ -54,11 +59,17 @@ def trial_runs(children: list) -> dict[int, object]:
 
 
 def assert_in_space(params: dict[str, str]) -> None:
-    for key, allowed in SPACE.items():
-        if isinstance(allowed, set):
-            assert params[key] in allowed, (key, params[key])
+    for key, allowed in configured_space().items():
+        if isinstance(allowed, CategoricalDistribution):
+            assert params[key] in {str(c) for c in allowed.choices}, (key, params[key])
         else:
-            assert allowed[0] <= float(params[key]) <= allowed[1], (key, params[key])
+            assert allowed.low <= float(params[key]) <= allowed.high, (key, params[key])
+
+
+def test_the_checked_space_is_the_configured_one():
+    space = configured_space()
+    assert {"model.units", "model.dropout", "optimizer.name", "train.batch_size"} <= set(space)
+    assert "train.epochs" not in space  # pinned to 1 by the tests
 
 
 # -- the pieces, in-process ------------------------------------------------------------------
@@ -66,6 +77,29 @@ def assert_in_space(params: dict[str, str]) -> None:
 
 def parse(line: str):
     return OverridesParser.create().parse_overrides([line])[0]
+
+
+def test_a_diverged_or_failed_trial_gets_no_value():
+    """A trial whose objective is not a finite number (a network that diverged: NaN loss and
+    accuracy), that lacks the objective's metric, or whose job failed is told FAIL (no
+    value), with the reason; a finite one is told its value."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    objective = search.Objective("val_accuracy")
+
+    def done(metrics: dict) -> JobReturn:
+        ret = JobReturn()
+        ret.status, ret.return_value = JobStatus.COMPLETED, metrics
+        return ret
+
+    assert outcome(done({"val_accuracy": 0.97}), objective)[1:] == (0.97, None)
+    for metrics in ({"val_accuracy": math.nan}, {"val_accuracy": math.inf}, {"test_loss": 0.1}):
+        _, value, why = outcome(done(metrics), objective)
+        assert value is None and why is not None, metrics
+    failed = JobReturn()
+    failed.status, failed._return_value = JobStatus.FAILED, ValueError("boom")
+    _, value, why = outcome(failed, objective)
+    assert value is None and str(why) == "boom"
 
 
 def test_grammar_maps_to_optuna_distributions():
