@@ -196,14 +196,16 @@ class PathsConfig:
 
 @dataclass
 class PipelineConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    # The fields' order is params.yaml's, so `dvc exp show`'s: what people change comes right
+    # after the metrics, the data's checksums and the plumbing after it.
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    seed: int = MISSING
     #: The schema version ``params.yaml`` was composed for; in ``conf/`` it is
     #: ``${mnist_schema:N}``, which checks the whole composed config as it resolves.
     schema: int = SCHEMA_VERSION
