@@ -206,3 +206,50 @@ def test_evaluate_one_pass_loss_is_keras_evaluate_bit_for_bit(l2, dropout):
         np.testing.assert_array_equal(
             probabilities, model.predict(x, batch_size=batch_size, verbose=0)
         )
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The Matplotlib figures the stages save, kept for inspection (not written, not freed)."""
+    from mnist_pipeline import files
+
+    saved: dict[str, object] = {}
+    monkeypatch.setattr(
+        files, "save_figure", lambda fig, path: saved.__setitem__(Path(path).name, fig)
+    )
+    return saved
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_history_plot_shows_accuracy_and_loss_per_epoch(figures, held_out):
+    """train_history.png: accuracy and loss side by side, per epoch, training and (with a
+    validation split) validation, each curve the history's numbers."""
+    history = {"accuracy": [0.9, 0.95, 0.97], "loss": [0.3, 0.15, 0.1]}
+    if held_out:
+        history |= {"val_accuracy": [0.91, 0.94, 0.95], "val_loss": [0.28, 0.2, 0.18]}
+    train.plot_history(Path("train_history.png"), history)
+    accuracy_ax, loss_ax = figures["train_history.png"].axes
+    for ax, metric in ((accuracy_ax, "accuracy"), (loss_ax, "loss")):
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == metric
+        curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        expected = {f"train {metric}": history[metric]}
+        if held_out:
+            expected[f"validation {metric}"] = history[f"val_{metric}"]
+        assert curves == expected
+        assert all(list(line.get_xdata()) == [1, 2, 3] for line in ax.get_lines())
+
+
+def test_confusion_png_has_actual_rows_and_predicted_columns(figures):
+    """The picture agrees with confusion_matrix.json and per_class.json: row i is actual
+    class i (y axis), column j predicted class j (x axis)."""
+    actual = np.array([0, 0, 0, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 0])
+    matrix = evaluate.confusion_matrix(actual, predicted)
+    assert matrix[0, 1] == 2 and matrix[2, 0] == 1  # (actual, predicted)
+    evaluate.plot_confusion(Path("confusion_matrix.png"), matrix, 0.5)
+    (ax, _colorbar) = figures["confusion_matrix.png"].axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "actual")
+    assert (ax.images[0].get_array() == matrix).all()
+    # The count written at x=1 (predicted 1), y=0 (actual 0).
+    texts = {(t.get_position(), t.get_text()) for t in ax.texts}
+    assert ((1, 0), "2") in texts and ((0, 2), "1") in texts
