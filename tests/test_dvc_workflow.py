@@ -16,6 +16,7 @@ import pytest
 from mnist_pipeline.artifacts import HEADLINE_METRICS
 from mnist_pipeline.project import PROJECT_ROOT
 from tests.helpers.config import edit_yaml
+from tests.helpers.processes import run_stage
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
@@ -86,6 +87,41 @@ def test_bad_value_changes_nothing(project, override, message):
     assert status == "", status
     assert "Data and pipelines are up to date" in dvc_status
     assert (repo / "models/model.keras").read_bytes() == model
+
+
+def test_a_queued_sweep_stops_at_its_bad_value(project):
+    """`dvc exp run --queue -S model.units=16,0`: DVC composes one combination at a time;
+    the bad one is refused, nothing runs, the workspace is as it was, and `dvc queue remove
+    --all` drops what was queued (docs/dvc.md)."""
+    repo, env, _ = project
+    result = dvc(["dvc", "exp", "run", "--queue", "-S", "model.units=16,0"], repo, env, ok=False)
+    assert result.returncode != 0
+    assert "model.units must be >= 1, got 0" in result.stdout + result.stderr
+    assert "Running stage" not in result.stdout
+    queued = dvc(["dvc", "queue", "status"], repo, env).stdout
+    assert queued.count("Queued") <= 1, queued
+    dvc(["dvc", "queue", "remove", "--all"], repo, env)
+    assert "Queued" not in dvc(["dvc", "queue", "status"], repo, env).stdout
+    status, dvc_status = workspace_state(repo, env)
+    assert status == "", status
+    assert "Data and pipelines are up to date" in dvc_status
+
+
+def test_a_bad_edit_of_conf_is_refused_by_make_params(project):
+    """After editing conf/ by hand, `make params` (python -m mnist_pipeline.params) composes
+    and checks it: a bad value is one line and params.yaml is left as it was."""
+    repo, env, _ = project
+    before = (repo / "params.yaml").read_bytes()
+    edit_yaml(repo / "conf/model/mlp.yaml", units=0)
+    try:
+        # This project's code, as its dvc.yaml runs it.
+        result = run_stage("params", repo, {**env, "PYTHONPATH": "src"})
+    finally:
+        subprocess.run(["git", "checkout", "conf/model/mlp.yaml"], cwd=repo, check=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "model.units must be >= 1, got 0" in result.stderr
+    assert (repo / "params.yaml").read_bytes() == before
 
 
 def test_hand_edited_params_stop_before_any_output_is_removed(project):

@@ -18,7 +18,7 @@ import pytest
 from mnist_pipeline import tracking_server
 from mnist_pipeline.project import PROJECT_ROOT
 from tests.helpers.config import sha_overrides
-from tests.helpers.processes import run_pipeline
+from tests.helpers.processes import run_pipeline, run_stage
 from tests.helpers.services import MlflowServer, Postgres, free_port, require_extra
 
 EPOCHS = 2
@@ -133,6 +133,15 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
         assert b"keras" in fetch(mlflow.url, f"mlflow-artifacts/artifacts/{location}/MLmodel")
         # ... and stored where the server was told to put them.
         assert (artifacts / location / "MLmodel").is_file()
+
+    # The registry on the server: the sweep's best job registered, then promoted.
+    for args in (["--best-of-sweep"], ["--promote"]):
+        result = run_stage("register", workdir, env, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    registered = api(mlflow.url, "mlflow/registered-models/get?name=mnist")["registered_model"]
+    assert {a["alias"]: a["version"] for a in registered["aliases"]}["champion"] == "1"
+    version = api(mlflow.url, "mlflow/model-versions/get?name=mnist&version=1")["model_version"]
+    assert version["run_id"] in {r["info"]["run_id"] for r in children}
 
     # Nothing went to the project's own store or to a file store beside the work.
     assert (project_store.stat().st_mtime_ns if project_store.exists() else None) == store_before
