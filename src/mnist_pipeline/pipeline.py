@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mnist_pipeline import quiet
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.project import CONF_DIR
 from mnist_pipeline.runner import run_pipeline
@@ -25,6 +26,9 @@ from mnist_pipeline.sweep import run_job
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
 def main(raw: DictConfig) -> dict | None:
+    # A sweep's jobs (each launcher's worker too) are as quiet as the stages: no CUDA probe or
+    # NodeDef lines from TensorFlow on a CPU machine (a single run gets this from run_stage).
+    quiet.filter_native_stderr()
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return run_job(raw)
