@@ -548,6 +548,51 @@ def test_best_of_a_search_is_judged_on_validation_not_test(tracking_store):
     best_val = job("grid", {"val_accuracy": 0.97, "test_accuracy": 0.96})
     assert register.best_sweep_run("grid") == best_val
 
+    # One job without the metric (a trial told FAIL, a job with no split) does not turn the
+    # choice into one made on the test set: it is ranked after the others.
+    job(
+        "mixed-study", {"test_accuracy": 0.999}, {**up, "optuna_study": "s", "optuna_state": "FAIL"}
+    )
+    judged = job("mixed-study", {"objective": 0.95, "test_accuracy": 0.96}, up)
+    assert register.best_sweep_run("mixed-study") == judged
+    job("mixed-grid", {"test_accuracy": 0.999})
+    with_split = job("mixed-grid", {"val_accuracy": 0.95, "test_accuracy": 0.96})
+    assert register.best_sweep_run("mixed-grid") == with_split
+
+
+def test_a_study_registers_the_trial_it_reports_as_best(tracking_store):
+    """Tied objectives (common at 1/6000 steps): the trial Optuna reports as best (the
+    parent run's best_run_id, what its best.* tags describe) is the one registered, even
+    where another tied trial has a smaller gap."""
+    from mlflow import MlflowClient
+
+    from mnist_pipeline import tracking
+
+    client = MlflowClient()
+    experiment = tracking.ensure_experiment("mnist")
+    parent = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+
+    def trial(gap: float) -> str:
+        tags = {
+            "stage": "train",
+            "sweep_id": "tied",
+            "mlflow.parentRunId": parent,
+            "optuna_study": "s",
+            "optuna_direction": "maximize",
+        }
+        run = client.create_run(experiment, tags=tags)
+        for key, value in {"objective": 0.9782, "test_accuracy": 0.98, "accuracy_gap": gap}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    reported = trial(gap=0.02)
+    smaller_gap = trial(gap=0.01)
+    client.set_tag(parent, "best_run_id", reported)
+    assert register.best_sweep_run("tied") == reported != smaller_gap
+    client.set_tag(parent, "best_run_id", "unknown")  # no report: the smaller gap
+    assert register.best_sweep_run("tied") == smaller_gap
+
 
 def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):
     from mnist_pipeline import predict

@@ -63,17 +63,28 @@ def varying_params(runs: list[Any]) -> list[str]:
     )
 
 
+def ranking(runs: list[Any]) -> tuple[str, bool]:
+    """How a sweep's jobs are ranked, best first: the metric and whether lower is better.
+    An Optuna study's trials by its objective, in its direction; jobs that held out a
+    validation split by ``val_accuracy``; only a sweep without either by ``test_accuracy``.
+    A job without the metric (a failed trial, a job with no split) ranks after the others,
+    so one such job never turns a search into a choice made on the test set."""
+    if any("objective" in r.data.metrics or "optuna_study" in r.data.tags for r in runs):
+        return "objective", {r.data.tags.get("optuna_direction") for r in runs} == {"minimize"}
+    if any("val_accuracy" in r.data.metrics for r in runs):
+        return "val_accuracy", False
+    return "test_accuracy", False
+
+
 def runs_table(runs: list[Any], sort: str | None = None, ascending: bool = False) -> pd.DataFrame:
     """One row per run: name, the varying params, headline metrics and duration. Sorted by
-    ``sort``; by default the best first: an Optuna study's trials by its objective, other
-    runs by test accuracy."""
+    ``sort``; by default the best first (``ranking``)."""
     params = varying_params(runs)
     metrics = HEADLINE + [m for m in SEARCH_METRICS if any(m in r.data.metrics for r in runs)]
     if sort is None:
-        sort, ascending = "test_accuracy", False
-        if "objective" in metrics:
-            directions = {r.data.tags.get("optuna_direction") for r in runs}
-            sort, ascending = "objective", directions == {"minimize"}
+        sort, ascending = ranking(runs)
+        if sort not in metrics:  # a study none of whose trials got a value
+            metrics.append(sort)
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.info.run_name}
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="runs of this MLflow experiment")
     parser.add_argument("--filter", default="", help="an MLflow filter string")
     parser.add_argument(
-        "--sort", help="column to sort by (default: a study's objective, else test_accuracy)"
+        "--sort", help="column to sort by (default: a study's objective, else val_accuracy, else test_accuracy)"
     )
     parser.add_argument("--ascending", action="store_true")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")

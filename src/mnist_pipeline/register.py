@@ -74,31 +74,39 @@ def current_run_id(cfg: PipelineConfig) -> str:
 
 
 def best_sweep_run(sweep_id: str | None) -> str:
-    """The sweep's best job, judged the way the sweep was: an Optuna study's trials by its
-    objective (scored on the validation split, so the test set stays unseen by the choice),
-    other sweeps by validation accuracy when every job held out a split, else by test
-    accuracy; ties go to the smaller train/test gap."""
-    from mnist_pipeline.compare import select_runs
+    """The sweep's best job, ranked as ``compare`` ranks it (``compare.ranking``: an Optuna
+    study by its objective, jobs with a validation split by ``val_accuracy``, else test
+    accuracy), among the jobs that have that metric; ties go to the smaller train/test gap.
+    For a study, Optuna's own best trial (its parent run's ``best_run_id``) wins ties, so the
+    registered model is the one the study reports."""
+    from mnist_pipeline.compare import ranking, select_runs
 
     runs = [r for r in select_runs(sweep_id=sweep_id) if "test_accuracy" in r.data.metrics]
     if not runs:
         raise PipelineError("no job of the sweep was evaluated (no test_accuracy)")
-    judged_by, sign = "test_accuracy", 1.0
-    if all("objective" in r.data.metrics for r in runs):
-        judged_by = "objective"
-        if {r.data.tags.get("optuna_direction") for r in runs} == {"minimize"}:
-            sign = -1.0
-    elif all("val_accuracy" in r.data.metrics for r in runs):
-        judged_by = "val_accuracy"
-    best = max(
-        runs,
-        key=lambda r: (
-            sign * r.data.metrics[judged_by],
-            -r.data.metrics.get("accuracy_gap", 1.0),
-        ),
+    metric, lower_is_better = ranking(runs)
+    ranked = [r for r in runs if r.data.metrics.get(metric) is not None]
+    if not ranked:
+        raise PipelineError(f"no job of the sweep has {metric}: none can be judged")
+    sign = -1.0 if lower_is_better else 1.0
+    best_value = max(sign * r.data.metrics[metric] for r in ranked)
+    tied = [r for r in ranked if sign * r.data.metrics[metric] == best_value]
+    reported = study_best_run_id(tied[0])
+    best = next(
+        (r for r in tied if r.info.run_id == reported),
+        min(tied, key=lambda r: r.data.metrics.get("accuracy_gap", 1.0)),
     )
-    log.info("best job of the sweep by %s: %s", judged_by, best.info.run_id)
+    log.info("best job of the sweep by %s: %s", metric, best.info.run_id)
     return best.info.run_id
+
+
+def study_best_run_id(job: Any) -> str | None:
+    """The run an Optuna study reports as its best (its parent run's ``best_run_id``), if
+    ``job`` belongs to a study whose parent recorded one."""
+    parent_id = job.data.tags.get("mlflow.parentRunId")
+    if "optuna_study" not in job.data.tags or not parent_id:
+        return None
+    return tracking.get_run(parent_id).data.tags.get("best_run_id")
 
 
 def check_run(run_id: str) -> Any:
