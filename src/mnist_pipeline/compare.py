@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="runs of this MLflow experiment")
     parser.add_argument("--filter", default="", help="an MLflow filter string")
     parser.add_argument(
-        "--sort", help="column to sort by (default: a study's objective, else val_accuracy, else test_accuracy)"
+        "--sort",
+        help="column to sort by (default: a study's objective, else val_accuracy, "
+        "else test_accuracy)",
     )
     parser.add_argument("--ascending", action="store_true")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
