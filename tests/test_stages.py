@@ -217,7 +217,9 @@ def figures(monkeypatch):
     monkeypatch.setattr(
         files, "save_figure", lambda fig, path: saved.__setitem__(Path(path).name, fig)
     )
-    return saved
+    yield saved
+    for fig in saved.values():
+        files.pyplot().close(fig)
 
 
 @pytest.mark.parametrize("held_out", [False, True])
@@ -240,8 +242,8 @@ def test_history_plot_shows_accuracy_and_loss_per_epoch(figures, held_out):
 
 
 def test_confusion_png_has_actual_rows_and_predicted_columns(figures):
-    """The picture agrees with confusion_matrix.json and per_class.json: row i is actual
-    class i (y axis), column j predicted class j (x axis)."""
+    """The picture has the orientation of confusion_matrix.json and evaluate.confusion_matrix:
+    row i is actual class i (y axis), column j predicted class j (x axis)."""
     actual = np.array([0, 0, 0, 1, 2, 2])
     predicted = np.array([0, 1, 1, 1, 2, 0])
     matrix = evaluate.confusion_matrix(actual, predicted)

@@ -92,7 +92,8 @@ def test_dirty_check_ignores_what_dvc_manages(tmp_path, monkeypatch):
         (tmp_path / "reports" / name).unlink()  # what DVC does before a stage runs
     (tmp_path / "dvc.lock").write_text("changed\n")
     params = (tmp_path / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(params.replace("seed: 42", "seed: 1"))
+    edit_yaml(tmp_path / "params.yaml", seed=7)  # whatever seed the working copy had
+    assert (tmp_path / "params.yaml").read_text() != params
     assert provenance.uncommitted_changes() == ""
     assert provenance.provenance_tags()["git.dirty"] == "false"
     (tmp_path / "code.py").write_text("x = 2\n")

@@ -47,8 +47,8 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 HISTORY_FILE = "train_history.csv"
-#: The keys of evaluate's reports/metrics.json, in order: what a run is judged and compared by
-#: (``val_*`` join them when ``data.val_split`` > 0).
+#: The six headline numbers of evaluate's reports/metrics.json (written with sorted keys):
+#: what a run is judged and compared by (``val_*`` join them when ``data.val_split`` > 0).
 HEADLINE_METRICS = (
     "fit_accuracy",
     "train_accuracy",
