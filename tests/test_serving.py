@@ -514,6 +514,15 @@ def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
     assert register.best_sweep_run("s1") == best != tie_bigger_gap
 
 
+def test_best_of_sweep_without_a_sweep_says_how_to_run_one(tracking_store, capsys):
+    """Before any sweep, `register --best-of-sweep` is one line that names the command to
+    run (not an option register does not have)."""
+    assert exit_code(register.main, ["--best-of-sweep"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no sweep found in the store")
+    assert "python -m mnist_pipeline.pipeline -m" in err and "--experiment" not in err
+
+
 def test_best_of_a_search_is_judged_on_validation_not_test(tracking_store):
     """An Optuna study's best job is its best objective (validation), in the study's
     direction, even where another trial scored higher on the test set; a sweep whose jobs

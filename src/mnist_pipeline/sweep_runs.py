@@ -194,7 +194,10 @@ def latest_sweep_id() -> str:
         output_format="list",
     )
     if not parents:
-        raise PipelineError("no sweep found in the store; run one or pass --experiment")
+        raise PipelineError(
+            "no sweep found in the store; run one first "
+            "(python -m mnist_pipeline.pipeline -m model.units=128,512)"
+        )
     # A resumed Optuna study continues its first call's parent run: it counts from when it
     # was resumed.
     latest = max(parents, key=lambda r: int(r.data.tags.get(RESUMED_TAG, 0)) or r.info.start_time)
