@@ -603,6 +603,20 @@ def test_a_study_registers_the_trial_it_reports_as_best(tracking_store):
     assert register.best_sweep_run("tied") == smaller_gap
 
 
+def test_predict_never_creates_a_store(tmp_path, capsys, monkeypatch):
+    """A registry URI against a SQLite store that does not exist (a typo in
+    MLFLOW_TRACKING_URI, a fresh clone) is one line, and no empty store appears."""
+    from mnist_pipeline import predict
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    assert exit_code(predict.main, ["--model", "models:/mnist@champion", "a.png"]) == 1
+    assert f"error: no MLflow store at {missing}" in capsys.readouterr().err
+    assert not missing.exists() and not missing.parent.exists()
+
+
 def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):
     from mnist_pipeline import predict
 
@@ -610,6 +624,9 @@ def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, trac
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
     assert exit_code(predict.main, ["a.png"]) == 1
     assert "models/model.keras not found: run the train stage first" in capsys.readouterr().err
+    from mnist_pipeline import tracking
+
+    tracking.ensure_experiment("mnist")  # a store that exists, with nothing registered
     assert exit_code(predict.main, ["--model", "models:/mnist@champion", "a.png"]) == 1
     # (MLflow's own INFO lines show in process; the CLI silences them: see docs/serving.md)
     last = capsys.readouterr().err.strip().splitlines()[-1]

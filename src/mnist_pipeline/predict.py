@@ -47,6 +47,8 @@ def load_classifier(model: str) -> Classifier:
         return lambda x: serving.classify(keras_model, x)
     from mnist_pipeline import tracking
 
+    if model.startswith(("models:/", "runs:/")):
+        tracking.require_existing_store()  # predicting never creates a store
     mlflow = tracking.configured_mlflow()
     try:
         pyfunc = mlflow.pyfunc.load_model(model)
