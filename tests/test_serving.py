@@ -487,10 +487,10 @@ def test_serve_champion_over_http(in_project, tmp_path):
     assert [int(digit) for _, digit, _ in lines] == served_files
 
 
-def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
-    """A plain sweep (no validation split) registers its job with the highest test accuracy
-    (ties: the smaller gap);
-    unfinished jobs and other sweeps' jobs are not candidates."""
+@pytest.fixture
+def sweep_job(tracking_store):
+    """Make a finished training run of a sweep, with the given metrics and extra tags, in a
+    fresh store; returns its run id (what register's sweep selection picks among)."""
     from mlflow import MlflowClient
 
     from mnist_pipeline import tracking
@@ -498,13 +498,27 @@ def test_best_of_sweep_picks_the_best_evaluated_job(tracking_store):
     client = MlflowClient()
     experiment = tracking.ensure_experiment("mnist")
 
-    def job(sweep: str, accuracy: float, gap: float, status: str = "FINISHED") -> str:
-        tags = {"stage": "train", "sweep_id": sweep}
-        run = client.create_run(experiment, tags=tags)
-        for key, value in {"test_accuracy": accuracy, "accuracy_gap": gap}.items():
+    def make(
+        sweep: str, metrics: dict[str, float], tags: dict | None = None, status: str = "FINISHED"
+    ) -> str:
+        run = client.create_run(
+            experiment, tags={"stage": "train", "sweep_id": sweep, **(tags or {})}
+        )
+        for key, value in metrics.items():
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, status=status)
         return run.info.run_id
+
+    make.client, make.experiment = client, experiment
+    return make
+
+
+def test_best_of_sweep_picks_the_best_evaluated_job(sweep_job):
+    """A plain sweep (no validation split) registers its job with the highest test accuracy
+    (ties: the smaller gap); unfinished jobs and other sweeps' jobs are not candidates."""
+
+    def job(sweep: str, accuracy: float, gap: float, status: str = "FINISHED") -> str:
+        return sweep_job(sweep, {"test_accuracy": accuracy, "accuracy_gap": gap}, status=status)
 
     job("s1", 0.95, 0.01)
     tie_bigger_gap = job("s1", 0.97, 0.03)
@@ -523,25 +537,13 @@ def test_best_of_sweep_without_a_sweep_says_how_to_run_one(tracking_store, capsy
     assert "python -m mnist_pipeline.pipeline -m" in err and "--experiment" not in err
 
 
-def test_best_of_a_search_is_judged_on_validation_not_test(tracking_store):
+def test_best_of_a_search_is_judged_on_validation_not_test(sweep_job):
     """An Optuna study's best job is its best objective (validation), in the study's
     direction, even where another trial scored higher on the test set; a sweep whose jobs
-    all held out a validation split is judged by val_accuracy."""
-    from mlflow import MlflowClient
-
-    from mnist_pipeline import tracking
-
-    client = MlflowClient()
-    experiment = tracking.ensure_experiment("mnist")
+    held out a validation split is judged by val_accuracy."""
 
     def job(sweep: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
-        run = client.create_run(
-            experiment, tags={"stage": "train", "sweep_id": sweep, **(tags or {})}
-        )
-        for key, value in {"accuracy_gap": 0.01, **metrics}.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-        return run.info.run_id
+        return sweep_job(sweep, {"accuracy_gap": 0.01, **metrics}, tags)
 
     up = {"optuna_direction": "maximize"}
     job("study", {"objective": 0.96, "test_accuracy": 0.99}, up)
@@ -569,31 +571,17 @@ def test_best_of_a_search_is_judged_on_validation_not_test(tracking_store):
     assert register.best_sweep_run("mixed-grid") == with_split
 
 
-def test_a_study_registers_the_trial_it_reports_as_best(tracking_store):
+def test_a_study_registers_the_trial_it_reports_as_best(sweep_job):
     """Tied objectives (common at 1/6000 steps): the trial Optuna reports as best (the
     parent run's best_run_id, what its best.* tags describe) is the one registered, even
     where another tied trial has a smaller gap."""
-    from mlflow import MlflowClient
-
-    from mnist_pipeline import tracking
-
-    client = MlflowClient()
-    experiment = tracking.ensure_experiment("mnist")
-    parent = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    client = sweep_job.client
+    parent = client.create_run(sweep_job.experiment, tags={"sweep_role": "parent"}).info.run_id
 
     def trial(gap: float) -> str:
-        tags = {
-            "stage": "train",
-            "sweep_id": "tied",
-            "mlflow.parentRunId": parent,
-            "optuna_study": "s",
-            "optuna_direction": "maximize",
-        }
-        run = client.create_run(experiment, tags=tags)
-        for key, value in {"objective": 0.9782, "test_accuracy": 0.98, "accuracy_gap": gap}.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-        return run.info.run_id
+        tags = {"mlflow.parentRunId": parent, "optuna_study": "s", "optuna_direction": "maximize"}
+        metrics = {"objective": 0.9782, "test_accuracy": 0.98, "accuracy_gap": gap}
+        return sweep_job("tied", metrics, tags)
 
     reported = trial(gap=0.02)
     smaller_gap = trial(gap=0.01)
