@@ -6,6 +6,10 @@ STAMP := $(VENV)/.synced
 # The optional extras (pyproject.toml): `server` for `make server`, every extra for the tests.
 SERVER_STAMP := $(VENV)/.synced-server
 ALL_STAMP := $(VENV)/.synced-all-extras
+# `mlflow ui` and `mlflow server`: the full mlflow in its own environment (uv.lock's
+# `mlflow-server` group), so that .venv, where the stages run, holds only MLflow's client.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.synced
 # Stage commands call `python`/`dvc`; put the project's environment first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # uv: the one on PATH, else the one pip installs for the machine's python3.
@@ -51,6 +55,13 @@ $(ALL_STAMP): $(STAMP)
 	$(SYNC) --all-extras
 	@touch $@
 
+# Rebuilt from scratch when the lock changes (nothing else installs into it).
+$(MLFLOW_STAMP): pyproject.toml uv.lock | $(STAMP)
+	rm -rf $(MLFLOW_VENV)
+	UV_PROJECT_ENVIRONMENT=$(MLFLOW_VENV) $(UV) sync --frozen --only-group mlflow-server \
+		--python python3 --quiet
+	@touch $@
+
 ## Run the pipeline: download -> preprocess -> train -> evaluate (only what changed).
 repro: setup
 	dvc repro
@@ -60,11 +71,11 @@ exps: setup
 	dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' $(ARGS)
 
 ## The test suite (CI runs this), with every optional extra installed.
-test: $(ALL_STAMP)
+test: $(ALL_STAMP) $(MLFLOW_STAMP)
 	python -m pytest
 
 ## The quick part: everything but the end-to-end DVC runs and sweeps (-m "not slow").
-test-fast: $(ALL_STAMP)
+test-fast: $(ALL_STAMP) $(MLFLOW_STAMP)
 	python -m pytest -m "not slow"
 
 ## Style, and the floor plan: no import cycle, no stage importing another stage.
@@ -101,11 +112,11 @@ PORT ?= 5000
 HOST ?= 127.0.0.1
 ## Compare the runs in MLflow's UI: prints the address to open (docs/mlflow-ui.md).
 ## PORT=5001 for another port; HOST=0.0.0.0 UI_ARGS="--allowed-hosts ..." to share it.
-ui: setup
+ui: setup $(MLFLOW_STAMP)
 	python -m mnist_pipeline.ui --host "$(HOST)" --port "$(PORT)" $(UI_ARGS)
 
 ## Regenerate the pictures in docs/mlflow-ui/ (the browser test, a few minutes).
-screenshots: $(ALL_STAMP)
+screenshots: $(ALL_STAMP) $(MLFLOW_STAMP)
 	MNIST_SCREENSHOTS="$(CURDIR)/docs/mlflow-ui" python -m pytest tests/test_ui.py -k browser
 
 ## Serve the registered champion model (docs/serving.md): POST to http://127.0.0.1:5001/invocations
@@ -115,7 +126,7 @@ serve: setup
 ## A shared MLflow tracking server on PostgreSQL (docs/operations.md).
 ## Runs in PostgreSQL, artifacts stored and served by the server. Settings:
 ## MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
-server: $(SERVER_STAMP)
+server: $(SERVER_STAMP) $(MLFLOW_STAMP)
 	python -m mnist_pipeline.tracking_server
 
 ## This list: one line per target (the first line of the `##` comment above each).

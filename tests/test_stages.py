@@ -111,7 +111,11 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     expected = np.zeros((10, 10), dtype=int)
     np.add.at(expected, (predictions[:, 0], predictions[:, 1]), 1)
     np.testing.assert_array_equal(confusion["matrix"], expected)
-    assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.name == "mnist-train"
+    # The schema MLflow infers with SciPy, built without it (.venv has none).
+    schema = {k: json.loads(v) for k, v in json.loads(dataset.schema)["mlflow_tensorspec"].items()}
+    assert schema == {"features": tensors("float32", 784), "targets": tensors("uint8")}
 
     # The logged model loads back through MLflow and predicts the same classes.
     x_test, _ = load_processed(prepared.paths.processed, "test")
@@ -119,7 +123,14 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     keras_model = mlflow.keras.load_model(run_ref["model_uri"])
     predicted = np.asarray(logged.predict(np.asarray(x_test))).argmax(axis=1)
     np.testing.assert_array_equal(predicted, keras_model.predict(x_test, verbose=0).argmax(1))
-    assert logged.metadata.signature is not None
+    signature = logged.metadata.signature
+    assert signature.inputs.to_dict() == tensors("float32", 784)
+    assert signature.outputs.to_dict() == tensors("float32", 10)
+
+
+def tensors(dtype: str, *shape: int) -> list[dict]:
+    """MLflow's JSON for a batch of ``dtype`` tensors of ``shape``."""
+    return [{"type": "tensor", "tensor-spec": {"dtype": dtype, "shape": [-1, *shape]}}]
 
 
 def test_training_is_deterministic(prepared):

@@ -6,10 +6,13 @@ list (the in-process data cache) reads it from there instead of keeping a copy.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
 import yaml
+
+from mnist_pipeline.errors import PipelineError
 
 #: The repository root (src layout: src/mnist_pipeline/project.py -> root).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +30,25 @@ def project_root(path: Path = PROJECT_ROOT) -> Path:
     if _DVC_EXP_TMP in text:
         return Path(text.split(_DVC_EXP_TMP)[0])
     return path
+
+
+def full_mlflow() -> list[str]:
+    """The command for the full ``mlflow`` CLI (``mlflow server``, which ``mlflow ui`` is).
+
+    It has its own environment, ``.venv-mlflow/`` (uv.lock's ``mlflow-server`` group, built by
+    ``make ui``, ``make server`` and ``make test``); ``.venv``, where the stages run, holds only
+    MLflow's client, so Keras does not import the UI's scikit-learn, SciPy and Matplotlib on
+    every ``import tensorflow``. ``$MNIST_MLFLOW_PYTHON`` names another interpreter with
+    ``mlflow`` installed. The interpreter, not the ``mlflow`` script: a venv's scripts name its
+    absolute path, its interpreter keeps working after the project moves.
+    """
+    python = os.environ.get("MNIST_MLFLOW_PYTHON") or project_root() / ".venv-mlflow/bin/python"
+    if not Path(python).exists():
+        raise PipelineError(
+            f"MLflow's UI and server are not installed ({python} not found): "
+            "`make ui` or `make server` installs them"
+        )
+    return [str(python), "-m", "mlflow"]
 
 
 @cache

@@ -26,11 +26,18 @@ CONFIG_ARTIFACT = "config.json"
 PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy")
 
 
+#: Packages installed under another distribution's name: MLflow's client is ``mlflow-skinny``
+#: in .venv (the full ``mlflow`` has its own environment); either is MLflow's version.
+DISTRIBUTIONS = {"mlflow": ("mlflow", "mlflow-skinny")}
+
+
 def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+    for distribution in DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 def git(*args: str) -> str | None:

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
@@ -490,8 +490,30 @@ def log_dataset(
 ) -> None:
     """Record a data set the run used (MLflow dataset inputs link runs to their data)."""
     mlflow = configured_mlflow()
-    dataset = mlflow.data.from_numpy(features, targets=targets, name=name, digest=digest[:36])
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.numpy_dataset import NumpyDataset
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.tracking.context import registry
+
+    class MnistDataset(NumpyDataset):
+        # MLflow infers this schema with SciPy, which .venv leaves out (Keras would import it
+        # on every `import tensorflow`); the same schema, from the arrays' dtype and shape.
+        @cached_property
+        def schema(self) -> TensorDatasetSchema:
+            return TensorDatasetSchema(tensor_schema(features), tensor_schema(targets))
+
+    # The source mlflow.data.from_numpy gives: the code that ran, with the run's context tags.
+    source = CodeDatasetSource(tags=registry.resolve_tags())
+    dataset = MnistDataset(features, source, targets, name, digest[:36])
     mlflow.log_input(dataset, context=context)
+
+
+def tensor_schema(array: np.ndarray) -> Any:
+    """MLflow's schema of a batch of tensors: the array's dtype and shape, any batch size.
+    What ``mlflow.types.utils._infer_schema`` gives for an array, without its SciPy import."""
+    from mlflow.types import Schema, TensorSpec
+
+    return Schema([TensorSpec(array.dtype, (-1, *array.shape[1:]))])
 
 
 def log_run_spec(cfg: PipelineConfig, data_sha256: str) -> None:
@@ -516,9 +538,11 @@ def log_keras_model(model: Any, example: np.ndarray) -> str:
     subprocess and costs many seconds.
     """
     mlflow = configured_mlflow()
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    signature = ModelSignature(
+        tensor_schema(example), tensor_schema(model.predict(example[:1], verbose=0))
+    )
     requirements = [f"{p}=={package_version(p)}" for p in ("tensorflow", "keras", "numpy")]
     with _keras_example_dir_fix(), _no_pip_version_warning():
         info = mlflow.keras.log_model(

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mnist_pipeline.errors import ConfigError, exit_on_error
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.errors import ConfigError, PipelineError, exit_on_error
+from mnist_pipeline.project import PROJECT_ROOT, full_mlflow
 from mnist_pipeline.store_address import redact
 
 DEFAULT_BACKEND = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
@@ -82,9 +81,8 @@ def server_command(
     The database URI is not an argument: it holds a password, and any user of the machine can
     read a process's arguments. ``mlflow server`` reads it from ``$MLFLOW_BACKEND_STORE_URI``.
     """
-    mlflow = Path(sys.executable).with_name("mlflow")
     return [
-        str(mlflow),
+        *full_mlflow(),
         "server",
         "--serve-artifacts",
         "--artifacts-destination",
@@ -123,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=int(env("MLFLOW_WORKERS", "2")))
     # Anything else goes to `mlflow server` as is (--allowed-hosts, --gunicorn-opts, ...).
     args, extra = parser.parse_known_args(argv)
-    with exit_on_error(expected=(ConfigError, OSError)):
+    with exit_on_error(expected=(PipelineError, OSError)):
         check_backend(args.backend_store_uri)
         artifacts = artifacts_location(args.artifacts_destination)
-    command = server_command(artifacts, args.host, args.port, args.workers) + extra
+        command = server_command(artifacts, args.host, args.port, args.workers) + extra
     os.environ["MLFLOW_BACKEND_STORE_URI"] = args.backend_store_uri
     # 0.0.0.0 is where it listens, not an address to connect to.
     reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host

@@ -41,12 +41,11 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, exit_on_error
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.project import PROJECT_ROOT, full_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +154,8 @@ def address(base_url: str, experiment_id: str) -> str:
 
 def server_command(store_uri: str, host: str, port: int, extra: list[str]) -> list[str]:
     """``mlflow server`` (what ``mlflow ui`` runs) with one web worker."""
-    mlflow = Path(sys.executable).with_name("mlflow")
     return [
-        *([str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]),
+        *full_mlflow(),
         "server",
         "--backend-store-uri",
         store_uri,
@@ -278,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tracking.check_store(store)  # a store the server could not open, in one line
         check_port(args.host, args.port)
+        command = server_command(store, args.host, args.port, extra)
     # `kill` (SIGTERM) stops the server too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     url = f"http://{args.host}:{args.port}"
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     shown = f"http://{reach}:{args.port}"
     server = subprocess.Popen(
-        server_command(store, args.host, args.port, extra),
+        command,
         # Unbuffered: its log goes through a pipe (ServerOutput), line by line as on a terminal.
         env={**os.environ, **FAST_START_ENV, "PYTHONUNBUFFERED": "1"},
         cwd=PROJECT_ROOT,
