@@ -35,13 +35,17 @@ setup: $(STAMP)
 # --inexact: a sync adds what a target needs and removes nothing, so switching between
 # targets never uninstalls and reinstalls an extra.
 SYNC = $(UV) sync --frozen --inexact --python python3
+# When the lock changes, .venv is synced exactly (what the lock no longer lists goes: an old
+# .venv kept the full mlflow, which the stages' environment must not hold), keeping the
+# extras an earlier target installed.
+KEPT_EXTRAS = $(if $(wildcard $(ALL_STAMP)),--all-extras,$(if $(wildcard $(SERVER_STAMP)),--extra server))
 
 $(STAMP): pyproject.toml uv.lock $(if $(VENV_MOVED),FORCE)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
 	$(if $(VENV_MOVED),@echo ".venv was built for $(VENV_MOVED) (the project moved): rebuilding it"; \
 		rm -rf $(VENV))
-	$(SYNC)
+	$(UV) sync --frozen --python python3 $(KEPT_EXTRAS)
 	@touch $@
 
 # Always out of date (no recipe, no file): a prerequisite that forces a rebuild.
@@ -93,7 +97,7 @@ BENCH_STAMP := $(BENCH_VENV)/.synced
 
 ## The benchmark against the book's plain script (about 20 minutes).
 ## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
-bench: setup $(BENCH_STAMP)
+bench: setup $(BENCH_STAMP) $(MLFLOW_STAMP)
 	python bench/run.py --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
 
 bench/requirements-tf.txt: uv.lock | $(STAMP)
