@@ -139,11 +139,12 @@ def heatmap(
     label_h = c.line_height(LABEL_SIZE)
     tick_h = c.line_height(TICK_SIZE)
     tick_w = c.text_width(str(rows - 1), TICK_SIZE)
-    left = PAD + label_h + 8 + tick_w + 8
+    labels_w = label_h + 8 + tick_w + 8  # the y label and the row numbers
     top = PAD + title_h + 10
     bottom_room = 8 + tick_h + 8 + label_h + PAD
-    cell = min((size[0] - left - PAD) / cols, (size[1] - top - bottom_room) / rows)
-    left += (size[0] - left - PAD - cell * cols) / 2  # centred in the room left
+    cell = min((size[0] - 2 * PAD - labels_w) / cols, (size[1] - top - bottom_room) / rows)
+    edge = (size[0] - labels_w - cell * cols) / 2  # labels and cells centred together
+    left = edge + labels_w
     right, bottom = left + cell * cols, top + cell * rows
     peak = float(matrix.max()) if matrix.size and matrix.max() > 0 else 1.0
     count_size = max(6, min(TICK_SIZE, int(cell / 4)))
@@ -165,7 +166,7 @@ def heatmap(
         c.text((left + (j + 0.5) * cell, bottom + 8), str(j), TICK_SIZE, "ma")
     c.text(((left + right) / 2, PAD), title, TITLE_SIZE, "ma")
     c.text(((left + right) / 2, size[1] - PAD), xlabel, LABEL_SIZE, "md")
-    c.upright_text((PAD + label_h / 2, (top + bottom) / 2), ylabel, LABEL_SIZE)
+    c.upright_text((edge + label_h / 2, (top + bottom) / 2), ylabel, LABEL_SIZE)
     return c.finish()
 
 
