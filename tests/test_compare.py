@@ -97,3 +97,53 @@ def test_filter_string_and_errors(known_runs):
         compare.select_runs(sweep_id="nope")
     with pytest.raises(PipelineError, match="cannot sort by"):
         compare.runs_table(runs, sort="speed")
+
+
+def test_plot_draws_each_runs_numbers(known_runs, tmp_path, monkeypatch):
+    """Left: train and test accuracy per run, as bars named by the params that differ, or
+    as lines against the one param that does; right: every run's per-epoch accuracy."""
+    from PIL import Image
+
+    from mnist_pipeline import charts
+
+    drawn = []
+    render = charts.render
+
+    def recording(panels, size):
+        drawn.append(panels)
+        return render(panels, size)
+
+    monkeypatch.setattr(charts, "render", recording)
+    runs = compare.select_runs(sweep_id="s1")
+    table = compare.runs_table(runs)
+    compare.plot(table, runs, tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.size == (1200, 450)
+    bars, curves = drawn[-1]
+    assert isinstance(bars, charts.BarPanel)
+    assert list(bars.categories) == [
+        "units=512, epochs=20",
+        "units=512, epochs=5",
+        "units=128, epochs=5",
+    ]
+    assert [(label, list(values)) for label, values in bars.groups] == [
+        ("train_accuracy", [1.0, 0.99, 0.98]),
+        ("test_accuracy", [0.981, 0.978, 0.970]),
+    ]
+    assert [(s.label, list(s.xs)) for s in curves.series] == [
+        ("units=512, epochs=20", list(range(1, 21))),
+        ("units=512, epochs=5", [1, 2, 3, 4, 5]),
+        ("units=128, epochs=5", [1, 2, 3, 4, 5]),
+    ]
+    assert curves.series[0].ys[-1] == pytest.approx(1.0)
+
+    # One numeric param differs (epochs): lines against it, in its order.
+    runs = compare.select_runs(experiment="cmp", filter_string="params.model.units = '512'")
+    compare.plot(compare.runs_table(runs), runs, tmp_path / "g.png")
+    lines, _ = drawn[-1]
+    assert isinstance(lines, charts.LinePanel) and lines.xlabel == "train.epochs"
+    assert lines.integer_x
+    assert [(s.label, list(s.xs), list(s.ys)) for s in lines.series] == [
+        ("train_accuracy", [5, 20], [0.99, 1.0]),
+        ("test_accuracy", [5, 20], [0.978, 0.981]),
+    ]

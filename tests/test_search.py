@@ -374,3 +374,46 @@ def test_bad_settings_fail_before_any_trial(study, overrides, message):
     assert "error: " in result.stderr and message in result.stderr, result.stderr[-2000:]
     assert parent.info.status == "FAILED"
     assert children == []
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_figures_show_each_trial_and_the_best_so_far(tmp_path, direction):
+    """optimization_history.png: every finished trial's value and the best so far in the
+    study's direction; param_importances.png: Optuna's importances, most important first."""
+    from PIL import Image
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.RandomSampler(0))
+    values = [0.5, 0.7, 0.6, 0.9, 0.2, 0.8]
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        trial.suggest_int("u", 1, 4)
+        return values[trial.number]
+
+    study.optimize(objective, n_trials=len(values))
+    history = search._history_panel(study, "val_accuracy")
+    points, best = history.series
+    assert list(points.ys) == values and list(points.xs) == list(range(6))
+    expected = (
+        [0.5, 0.7, 0.7, 0.9, 0.9, 0.9]
+        if direction == "maximize"
+        else [0.5, 0.5, 0.5, 0.5, 0.2, 0.2]
+    )
+    assert list(best.ys) == expected
+    importances = search._importances_panel(study, "val_accuracy")
+    assert sorted(importances.labels) == ["u", "x"]
+    assert list(importances.values) == sorted(importances.values, reverse=True)
+
+    written = search.write_figures(study, tmp_path, "val_accuracy")
+    assert [p.name for p in written] == ["optimization_history.png", "param_importances.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (800, 500)
+
+
+@pytest.mark.filterwarnings("ignore:The number of trials is too small")
+def test_figures_of_a_study_with_no_finished_trial_are_skipped(tmp_path, caplog):
+    study = optuna.create_study()
+    assert search.write_figures(study, tmp_path, "val_accuracy") == []
+    assert "no optimization_history.png" in caplog.text and not list(tmp_path.iterdir())

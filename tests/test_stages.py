@@ -219,50 +219,62 @@ def test_evaluate_one_pass_loss_is_keras_evaluate_bit_for_bit(l2, dropout):
         )
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The Matplotlib figures the stages save, kept for inspection (not written, not freed)."""
-    from mnist_pipeline import files
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
 
-    saved: dict[str, object] = {}
-    monkeypatch.setattr(
-        files, "save_figure", lambda fig, path: saved.__setitem__(Path(path).name, fig)
-    )
-    yield saved
-    for fig in saved.values():
-        files.pyplot().close(fig)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def has_colour(image: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    """Some pixels (a marker's inside) of exactly ``colour``."""
+    return int((image == colour).all(axis=2).sum()) >= 20
 
 
 @pytest.mark.parametrize("held_out", [False, True])
-def test_history_plot_shows_accuracy_and_loss_per_epoch(figures, held_out):
+def test_history_plot_shows_accuracy_and_loss_per_epoch(tmp_path, held_out):
     """train_history.png: accuracy and loss side by side, per epoch, training and (with a
     validation split) validation, each curve the history's numbers."""
+    from mnist_pipeline.charts import COLOURS
+
     history = {"accuracy": [0.9, 0.95, 0.97], "loss": [0.3, 0.15, 0.1]}
     if held_out:
         history |= {"val_accuracy": [0.91, 0.94, 0.95], "val_loss": [0.28, 0.2, 0.18]}
-    train.plot_history(Path("train_history.png"), history)
-    accuracy_ax, loss_ax = figures["train_history.png"].axes
-    for ax, metric in ((accuracy_ax, "accuracy"), (loss_ax, "loss")):
-        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == metric
-        curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    for panel, metric in zip(train.history_panels(history), ("accuracy", "loss"), strict=True):
+        assert (panel.xlabel, panel.ylabel) == ("epoch", metric) and panel.integer_x
+        curves = {s.label: list(s.ys) for s in panel.series}
         expected = {f"train {metric}": history[metric]}
         if held_out:
             expected[f"validation {metric}"] = history[f"val_{metric}"]
         assert curves == expected
-        assert all(list(line.get_xdata()) == [1, 2, 3] for line in ax.get_lines())
+        assert all(list(s.xs) == [1, 2, 3] for s in panel.series)
+
+    train.plot_history(tmp_path / "train_history.png", history)
+    image = pixels(tmp_path / "train_history.png")
+    assert image.shape == (400, 1000, 3)
+    assert has_colour(image, COLOURS[0])  # the training curves
+    assert has_colour(image, COLOURS[1]) == held_out  # validation: a second colour
+    # Two panels side by side: two y axes (dark columns most of the picture's height), one
+    # in each half, and curves in both halves.
+    axes = np.nonzero(((image.max(axis=2) < 170).sum(axis=0)) > 200)[0]
+    assert len(axes) and axes.min() < 500 <= axes.max() and np.ptp(axes) > 400
+    assert has_colour(image[:, :500], COLOURS[0]) and has_colour(image[:, 500:], COLOURS[0])
 
 
-def test_confusion_png_has_actual_rows_and_predicted_columns(figures):
+def test_confusion_png_has_actual_rows_and_predicted_columns(tmp_path):
     """The picture has the orientation of confusion_matrix.json and evaluate.confusion_matrix:
-    row i is actual class i (y axis), column j predicted class j (x axis)."""
-    actual = np.array([0, 0, 0, 1, 2, 2])
-    predicted = np.array([0, 1, 1, 1, 2, 0])
+    row i is actual class i (from the top), column j predicted class j (from the left)."""
+    actual = np.array([0] * 50 + list(range(10)))
+    predicted = np.array([9] * 50 + list(range(10)))
     matrix = evaluate.confusion_matrix(actual, predicted)
-    assert matrix[0, 1] == 2 and matrix[2, 0] == 1  # (actual, predicted)
-    evaluate.plot_confusion(Path("confusion_matrix.png"), matrix, 0.5)
-    (ax, _colorbar) = figures["confusion_matrix.png"].axes
-    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "actual")
-    assert (ax.images[0].get_array() == matrix).all()
-    # The count written at x=1 (predicted 1), y=0 (actual 0).
-    texts = {(t.get_position(), t.get_text()) for t in ax.texts}
-    assert ((1, 0), "2") in texts and ((0, 2), "1") in texts
+    assert matrix[0, 9] == 50 and matrix.max() == 50  # (actual 0, predicted 9)
+    evaluate.plot_confusion(tmp_path / "confusion_matrix.png", matrix, 0.5)
+    image = pixels(tmp_path / "confusion_matrix.png")
+    assert image.shape == (550, 650, 3)
+    # The dark blue cell (the largest count) is in the top right: actual 0, predicted 9.
+    rows, cols = np.nonzero(image[..., 2] - image[..., 0] > 90)
+    assert len(rows) > 500
+    assert rows.max() < 550 * 0.3 and cols.min() > 650 * 0.7
+    # Counts are written: white text inside the dark cell.
+    cell = image[rows.min() : rows.max(), cols.min() : cols.max()]
+    assert (cell.min(axis=2) > 200).any()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from mnist_pipeline import files, sweep_runs, tracking
+from mnist_pipeline import charts, files, sweep_runs, tracking
 from mnist_pipeline.errors import PipelineError, exit_on_error
 
 HEADLINE = ["fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"]
@@ -145,38 +145,37 @@ def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
     one). Right: the per-epoch training accuracy of every run, overlaid."""
     shown = {"run", "run_id", "duration_s", *HEADLINE, *SEARCH_METRICS}
     params = [c for c in table.columns if c not in shown]
-    fig, (left, right) = files.pyplot().subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    by_id = {r.info.run_id: r for r in runs}
+    names = [
+        _label(row, params) or by_id[row["run_id"]].info.run_name for _, row in table.iterrows()
+    ]
+    title = "Train vs test accuracy (the gap)"
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
         ordered = table.sort_values(params[0])
-        for metric, style in (("train_accuracy", "o-"), ("test_accuracy", "s-")):
-            left.plot(ordered[params[0]], ordered[metric], style, label=metric)
-        left.set_xlabel(params[0])
+        series = [
+            charts.Series(metric, list(ordered[params[0]]), list(ordered[metric]), marker=marker)
+            for metric, marker in (("train_accuracy", "o"), ("test_accuracy", "s"))
+        ]
+        integer = pd.api.types.is_integer_dtype(table[params[0]])
+        left: charts.Panel = charts.LinePanel(
+            title, params[0], "accuracy", series, integer_x=integer
+        )
     else:
-        x = range(len(table))
-        left.bar([i - 0.2 for i in x], table["train_accuracy"], 0.4, label="train_accuracy")
-        left.bar([i + 0.2 for i in x], table["test_accuracy"], 0.4, label="test_accuracy")
-        labels = [_label(row, params) for _, row in table.iterrows()]
-        left.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
+        metrics = ("train_accuracy", "test_accuracy")
         low = min(table["test_accuracy"].min(), table["train_accuracy"].min())
-        left.set_ylim(max(0.0, low - 0.02), 1.0)
-    left.set_ylabel("accuracy")
-    left.set_title("Train vs test accuracy (the gap)")
-    left.legend()
+        groups = [(m, list(table[m])) for m in metrics]
+        ylim = (max(0.0, low - 0.02), 1.0)
+        left = charts.BarPanel(title, "", "accuracy", names, groups, ylim)
 
     client = tracking.client()
-    by_id = {r.info.run_id: r for r in runs}
-    for _, row in table.iterrows():
-        history = client.get_metric_history(row["run_id"], "accuracy")
-        steps = sorted((m.step, m.value) for m in history)
+    curves = []
+    for name, run_id in zip(names, table["run_id"], strict=True):
+        steps = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "accuracy"))
         if steps:
-            label = _label(row, params) or by_id[row["run_id"]].info.run_name
-            right.plot([s for s, _ in steps], [v for _, v in steps], marker=".", label=label)
-    right.set_xlabel("epoch")
-    right.set_ylabel("training accuracy (running average)")
-    right.set_title("Learning curves")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    files.save_figure(fig, path)
+            curves.append(charts.Series(name, [s for s, _ in steps], [v for _, v in steps]))
+    ylabel = "training accuracy (running average)"
+    right = charts.LinePanel("Learning curves", "epoch", ylabel, curves, integer_x=True)
+    charts.save(charts.render([left, right], size=(1200, 450)), path)
 
 
 def _label(row: pd.Series, params: list[str]) -> str:

@@ -26,7 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import artifacts, files, quiet, tracking
+from mnist_pipeline import artifacts, charts, files, quiet, tracking
 from mnist_pipeline.artifacts import NUM_CLASSES
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
@@ -159,29 +159,11 @@ def write_predictions(path: Path, actual: np.ndarray, predicted: np.ndarray) -> 
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
-    fig, ax = files.pyplot().subplots(figsize=(6.5, 5.5), dpi=100)
-    image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax)
-    ax.set(
-        xticks=range(NUM_CLASSES),
-        yticks=range(NUM_CLASSES),
-        xlabel="predicted",
-        ylabel="actual",
-        title=f"Test confusion matrix (accuracy {accuracy:.4f})",
-    )
-    threshold = matrix.max() / 2
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            str(count),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if count > threshold else "black",
-        )
-    fig.tight_layout()
-    files.save_figure(fig, path)
+    """The matrix as confusion_matrix.json has it: row i actual class i, column j predicted
+    class j, each count written in its cell."""
+    title = f"Test confusion matrix (accuracy {accuracy:.4f})"
+    image = charts.heatmap(matrix, title, "predicted", "actual", size=(650, 550))
+    charts.save(image, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

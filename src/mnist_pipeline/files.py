@@ -99,23 +99,6 @@ def staged() -> Iterator[Staged]:
         outputs.discard()
 
 
-def pyplot() -> Any:
-    """Matplotlib's pyplot on the file-only Agg backend (stages run without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: str | Path) -> None:
-    """Save a Matplotlib figure as PNG, atomically, and free it."""
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    pyplot().close(fig)
-
-
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -4,7 +4,7 @@ The sweeper (``src/hydra_plugins/mnist_optuna_sweeper.py``) is Hydra and Optuna 
 it asks Optuna for trials, launches them and tells Optuna the results. This module holds the
 project's side of a study: which number a job's metrics reduce to (the objective, never a
 test-set metric), where the study is stored (beside the MLflow store), and what the study's
-MLflow parent run gets (best trial, Optuna's figures). The parent and child runs themselves
+MLflow parent run gets (best trial, figures). The parent and child runs themselves
 are the sweep machinery's (``mnist_pipeline.sweep_runs``).
 """
 
@@ -16,11 +16,10 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import store_address, sweep_runs, tracking
+from mnist_pipeline import charts, store_address, sweep_runs, tracking
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import project_root
 
@@ -275,30 +274,52 @@ def report_study(study: Any, info: dict[str, str], objective: Objective, storage
 
 
 def write_figures(study: Any, folder: Path, target_name: str) -> list[Path]:
-    """Optuna's own optimisation-history and parameter-importance figures, as PNG. A figure
-    Optuna cannot draw (importances need two finished trials that differ) is skipped."""
-    import optuna
-    from optuna.visualization import matplotlib as optuna_plots
-
-    from mnist_pipeline import files
-
-    files.pyplot()  # the non-interactive backend, before Optuna imports pyplot
+    """The study's optimisation history and parameter importances, as PNG (Optuna's own
+    figures need Matplotlib). A figure with nothing to show (no finished trial yet) is
+    skipped, with a warning."""
     written = []
     figures = {
-        "optimization_history.png": optuna_plots.plot_optimization_history,
-        "param_importances.png": optuna_plots.plot_param_importances,
+        "optimization_history.png": _history_panel,
+        "param_importances.png": _importances_panel,
     }
-    for name, draw in figures.items():
+    for name, panel in figures.items():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                axes = draw(study, target_name=target_name)
+            image = charts.render([panel(study, target_name)], size=(800, 500))
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.warning("no %s: %s", name, exc)
             continue
-        figure = axes.figure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        files.save_figure(figure, folder / name)
+        charts.save(image, folder / name)
         written.append(folder / name)
     return written
+
+
+def _history_panel(study: Any, target_name: str) -> charts.LinePanel:
+    """Each finished trial's objective value, and the best value so far in the study's
+    direction (what Optuna's own optimisation-history plot shows)."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not trials:
+        raise ValueError("no finished trial")
+    numbers, values = [t.number for t in trials], [t.value for t in trials]
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    best = [pick(values[: i + 1]) for i in range(len(values))]
+    series = [
+        charts.Series("objective value", numbers, values, line=False),
+        charts.Series("best value", numbers, best, marker=None),
+    ]
+    return charts.LinePanel("Optimization history", "trial", target_name, series, integer_x=True)
+
+
+def _importances_panel(study: Any, target_name: str) -> charts.HBarPanel:
+    """Optuna's parameter importances (its default evaluator, PedANOVA, needs no
+    scikit-learn), the most important on top. No ``target``: with one, PedANOVA would
+    take a lower value as better whatever the study's direction."""
+    import optuna
+
+    importances = optuna.importance.get_param_importances(study)
+    if not importances:
+        raise ValueError("no parameter importances (too few finished trials)")
+    title = "Hyperparameter importances"
+    names, values = list(importances), list(importances.values())
+    return charts.HBarPanel(title, f"importance for {target_name}", names, values)

@@ -28,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mnist_pipeline import artifacts, distribute, files, memory, quiet, tracking
+from mnist_pipeline import artifacts, charts, distribute, files, memory, quiet, tracking
 from mnist_pipeline.cli import run_stage
 from mnist_pipeline.config import PipelineConfig
 from mnist_pipeline.errors import PipelineError
@@ -235,21 +235,23 @@ def publish(
     )
 
 
-def plot_history(path: Path, history: dict[str, list[float]]) -> None:
-    """Accuracy and loss per epoch, training and (when held out) validation: a DVC image
-    plot, so ``dvc plots show`` draws it with no network."""
-    fig, axes = files.pyplot().subplots(1, 2, figsize=(10, 4), dpi=100)
-    epochs = range(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
-        ax.plot(epochs, history[metric], marker="o", label=f"train {metric}")
+def history_panels(history: dict[str, list[float]]) -> list[charts.LinePanel]:
+    """Accuracy and loss per epoch: training, and validation when a split was held out."""
+    epochs = list(range(1, len(history["loss"]) + 1))
+    panels = []
+    for metric in ("accuracy", "loss"):
+        series = [charts.Series(f"train {metric}", epochs, history[metric])]
         if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
-        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric.capitalize()} per epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    files.save_figure(fig, path)
+            series.append(charts.Series(f"validation {metric}", epochs, history[f"val_{metric}"]))
+        title = f"{metric.capitalize()} per epoch"
+        panels.append(charts.LinePanel(title, "epoch", metric, series, integer_x=True))
+    return panels
+
+
+def plot_history(path: Path, history: dict[str, list[float]]) -> None:
+    """The two history panels side by side: a DVC image plot, so ``dvc plots show`` draws
+    it with no network."""
+    charts.save(charts.render(history_panels(history), size=(1000, 400)), path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
