@@ -124,8 +124,8 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     predicted = np.asarray(logged.predict(np.asarray(x_test))).argmax(axis=1)
     np.testing.assert_array_equal(predicted, keras_model.predict(x_test, verbose=0).argmax(1))
     signature = logged.metadata.signature
-    assert signature.inputs.to_dict() == tensors("float32", 784)
-    assert signature.outputs.to_dict() == tensors("float32", 10)
+    assert json.loads(signature.inputs.to_json()) == tensors("float32", 784)
+    assert json.loads(signature.outputs.to_json()) == tensors("float32", 10)
 
 
 def tensors(dtype: str, *shape: int) -> list[dict]:
