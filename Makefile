@@ -37,7 +37,8 @@ setup: $(STAMP)
 SYNC = $(UV) sync --frozen --inexact --python python3
 # When the lock changes, .venv is synced exactly (what the lock no longer lists goes: an old
 # .venv kept the full mlflow, which the stages' environment must not hold), keeping the
-# extras an earlier target installed.
+# extras an earlier target installed. mlflow and mlflow-skinny install the same files:
+# uninstalling the one deletes the other's, so the client is reinstalled in the same sync.
 KEPT_EXTRAS = $(if $(wildcard $(ALL_STAMP)),--all-extras,$(if $(wildcard $(SERVER_STAMP)),--extra server))
 
 $(STAMP): pyproject.toml uv.lock $(if $(VENV_MOVED),FORCE)
@@ -45,7 +46,7 @@ $(STAMP): pyproject.toml uv.lock $(if $(VENV_MOVED),FORCE)
 		|| python3 -m pip install --quiet uv
 	$(if $(VENV_MOVED),@echo ".venv was built for $(VENV_MOVED) (the project moved): rebuilding it"; \
 		rm -rf $(VENV))
-	$(UV) sync --frozen --python python3 $(KEPT_EXTRAS)
+	$(UV) sync --frozen --python python3 $(KEPT_EXTRAS) --reinstall-package mlflow-skinny
 	@touch $@
 
 # Always out of date (no recipe, no file): a prerequisite that forces a rebuild.

@@ -79,3 +79,20 @@ def test_make_test_builds_the_ui_s_environment_first(tmp_path):
             ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
         assert "--only-group mlflow-server" in done.stdout, (target, done.stdout, done.stderr)
+
+
+def test_a_new_lock_syncs_the_stages_environment_exactly_and_repairs_mlflow_s_files(tmp_path):
+    """An older .venv holds the full mlflow: the exact sync removes it, and since mlflow and
+    mlflow-skinny install the same files, that would delete the client's too (seen: `import
+    mlflow` failed after the upgrade) unless the same sync reinstalls mlflow-skinny."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
+    for name in ("pyproject.toml", "uv.lock"):
+        (tmp_path / name).write_text("")
+    done = subprocess.run(
+        ["make", "-n", "setup"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    sync = [line for line in done.stdout.splitlines() if " sync " in line]
+    assert len(sync) == 1, done.stdout
+    assert "--inexact" not in sync[0] and "--reinstall-package mlflow-skinny" in sync[0]
