@@ -61,7 +61,7 @@ $(ALL_STAMP): $(STAMP)
 	@touch $@
 
 # Rebuilt from scratch when the lock changes (nothing else installs into it).
-$(MLFLOW_STAMP): pyproject.toml uv.lock | $(STAMP)
+$(MLFLOW_STAMP): uv.lock | $(STAMP)
 	rm -rf $(MLFLOW_VENV)
 	UV_PROJECT_ENVIRONMENT=$(MLFLOW_VENV) $(UV) sync --frozen --only-group mlflow-server \
 		--python python3 --quiet

@@ -198,6 +198,8 @@ def machine() -> dict:
         pass
     from importlib.metadata import version
 
+    from mnist_pipeline.provenance import package_version
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -207,7 +209,7 @@ def machine() -> dict:
         "tensorflow": version("tensorflow"),
         "keras": version("keras"),
         "dvc": version("dvc"),
-        "mlflow": version("mlflow"),
+        "mlflow": package_version("mlflow"),  # mlflow-skinny in .venv
     }
 
 

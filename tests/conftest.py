@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.config import PipelineConfig
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.project import MLFLOW_PYTHON, PROJECT_ROOT
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
@@ -16,7 +16,7 @@ from tests.helpers.processes import run_pipeline
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests run the project from copies in temporary folders, which have no .venv-mlflow of their
 # own: their `mlflow ui` and `mlflow server` use this checkout's (project.full_mlflow).
-os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / ".venv-mlflow/bin/python"))
+os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / MLFLOW_PYTHON))
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,32 @@ def test_bar_names_are_wrapped_or_drawn_upright_below_the_bars():
         below = pixels(image)[rows.max() + 8 : 450 - 30]  # between the bars and the x label
         text_rows = np.nonzero((below.max(axis=2) < 120).any(axis=1))[0]
         assert height[0] < text_rows.max() - text_rows.min() < height[1], count
+
+
+def test_a_sweep_of_many_runs_keeps_its_curves_and_shortens_the_legend():
+    """40 trials in one learning-curves panel: the legend is cut to what fits ("+N more"),
+    and the plot keeps its height, so the curves are still drawn."""
+    label = "units={}, lr=0.001, dropout=0.2"
+    many = [Series(label.format(64 + i), [1, 2, 3], [0.9, 0.95, 0.97]) for i in range(40)]
+    image = charts.render([LinePanel("curves", "epoch", "accuracy", many)], (600, 450))
+    rows, columns = where(image, COLOURS[39 % len(COLOURS)])  # the last curve, drawn on top
+    start, middle = rows[columns < 150], rows[(columns > 300) & (columns < 400)]
+    assert len(start) and len(middle)
+    assert start.mean() - middle.mean() > 100  # it rises over the plot's height
+
+
+def test_hundreds_of_bars_and_a_negative_one_are_drawn():
+    """compare --plot over a whole experiment: bars narrower than a pixel; and a bar below
+    zero (x1 < x0 for Pillow unless ordered)."""
+    names = [f"run {i}" for i in range(300)]
+    values = [0.97 + (i % 7) / 1000 for i in range(300)]
+    bars = BarPanel("runs", "", "accuracy", names, [("train", values), ("test", values)])
+    assert charts.render([bars], (1200, 450)).size == (1200, 450)
+    signed = HBarPanel("importances", "importance", ["a", "b"], [0.5, -0.2])
+    assert charts.render([signed], (600, 300)).size == (600, 300)
+
+
+@pytest.mark.parametrize("ys", [[1.0, 1.0 + 1e-15], [1e-13, 1e-13]], ids=["one-ulp", "tiny"])
+def test_a_range_too_small_to_tick_is_drawn_as_one_value(ys):
+    image = line_panel(Series("train", [1, 2], ys))
+    assert len(where(image, COLOURS[0])[0]) > 20

@@ -28,6 +28,7 @@ from mnist_pipeline import run_names, ui
 from mnist_pipeline.params import compose_params
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
+from tests.helpers.services import require_full_mlflow
 from tests.helpers.workspace import copy_project, git_commit
 
 CHROMIUM = "/usr/bin/chromium"
@@ -229,6 +230,7 @@ class UiServer:
     """`python -m mnist_pipeline.ui` (what `make ui` runs) on a free port, until closed."""
 
     def __init__(self, env: dict, port: int, log: Path, extra: list[str] = ()) -> None:
+        require_full_mlflow()
         self.log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mnist_pipeline.ui", "--port", str(port), *extra],

@@ -268,8 +268,8 @@ def _limits(values: Sequence[float], integer: bool = False) -> tuple[float, floa
     if not finite:
         return 0.0, 1.0
     lo, hi = min(finite), max(finite)
-    if lo == hi:
-        half = 1.0 if integer else abs(lo) * 0.05 or 0.5
+    if hi - lo <= max(abs(lo), abs(hi)) * 1e-9 or hi - lo < 1e-12:  # one value, or rounding
+        half = 1.0 if integer else max(abs(lo) * 0.05, 1e-6) if lo else 0.5
         return lo - half, hi + half
     margin = (hi - lo) * 0.05
     return lo - margin, hi + margin
@@ -283,7 +283,7 @@ def _ticks(lo: float, hi: float, integer: bool = False) -> list[tuple[float, str
     step = next(m * power for m in steps if m * power >= raw * (1 - 1e-9))
     if integer:
         step = float(max(1, round(step)))
-    decimals = next(d for d in range(15) if abs(round(step, d) - step) < step * 1e-6)
+    decimals = next((d for d in range(15) if abs(round(step, d) - step) < step * 1e-6), 14)
     first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
     values = [round(k * step, decimals) + 0.0 for k in range(first, last + 1)]  # no "-0.00"
     if decimals > 4 or max(abs(lo), abs(hi)) >= 1e6:  # 2e-05, not 0.00002
@@ -381,6 +381,16 @@ class _Legend:
                 rows.append([])
             rows[-1].append((i, w))
         return rows
+
+    def fitting(self, c: _Canvas, width: float, height: float) -> _Legend:
+        """This legend, or its first entries and "+N more" when in rows ``width`` wide it
+        would be taller than ``height`` (a sweep of many runs in one panel)."""
+        legend, n = self, len(self.entries)
+        while n > 1 and legend.size(c, width)[1] > height:
+            n -= 1
+            more = (f"+{len(self.entries) - n} more", AXIS, "")
+            legend = _Legend([*self.entries[:n], more])
+        return legend
 
     def size(self, c: _Canvas, width: float | None = None) -> tuple[float, float]:
         rows = self.rows(c, width)
@@ -487,6 +497,7 @@ class _Frame:
         c, plot = self.c, self.plot_box()
         spot = None
         if self.legend.entries:
+            self.legend = self.legend.fitting(c, plot[2] - plot[0], (plot[3] - plot[1]) * 0.4)
             spot, hidden = _legend_spot(self.marks(plot).occupied(plot), plot, self.legend.size(c))
             above = self.legend.size(c, plot[2] - plot[0])[1] + 8
             if spot is None or (hidden and above < (plot[3] - plot[1]) * 0.3):
@@ -555,7 +566,8 @@ class _Frame:
                         x0 = i - 0.4 + g * width
                         top = min(max(value, self.y.lo), self.y.hi)
                         (a0, a1), (b0, b1) = self.px(x0, top, plot), self.px(x0 + width, base, plot)
-                        marks.rects.append(((a0 + 0.5, min(a1, b1), b0 - 0.5, max(a1, b1)), colour))
+                        left, right = a0 + 0.5, max(a0 + 0.5, b0 - 0.5)  # >= 1 px, many bars
+                        marks.rects.append(((left, min(a1, b1), right, max(a1, b1)), colour))
         else:
             per_row = (plot[3] - plot[1]) / max(1, len(p.values))
             half = min(0.35 * per_row, 16.0)  # a lone bar is not a slab
@@ -565,7 +577,8 @@ class _Frame:
                         self.px(0.0, len(p.values) - 1 - i, plot),
                         self.px(value, 0, plot),
                     )
-                    marks.rects.append(((x0, y - half, x1, y + half), COLOURS[0]))
+                    box = (min(x0, x1), y - half, max(x0, x1), y + half)
+                    marks.rects.append((box, COLOURS[0]))
                     marks.labels.append(((x1 + 4, y), format(value, p.value_format)))
         return marks
 

@@ -32,6 +32,10 @@ def project_root(path: Path = PROJECT_ROOT) -> Path:
     return path
 
 
+#: The full ``mlflow``'s interpreter, in the project (the Makefile's MLFLOW_VENV).
+MLFLOW_PYTHON = ".venv-mlflow/bin/python"
+
+
 def full_mlflow() -> list[str]:
     """The command for the full ``mlflow`` CLI (``mlflow server``, which ``mlflow ui`` is).
 
@@ -42,7 +46,7 @@ def full_mlflow() -> list[str]:
     ``mlflow`` installed. The interpreter, not the ``mlflow`` script: a venv's scripts name its
     absolute path, its interpreter keeps working after the project moves.
     """
-    python = os.environ.get("MNIST_MLFLOW_PYTHON") or project_root() / ".venv-mlflow/bin/python"
+    python = os.environ.get("MNIST_MLFLOW_PYTHON") or project_root() / MLFLOW_PYTHON
     if not Path(python).exists():
         raise PipelineError(
             f"MLflow's UI and server are not installed ({python} not found): "

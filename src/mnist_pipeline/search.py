@@ -11,6 +11,7 @@ are the sweep machinery's (``mnist_pipeline.sweep_runs``).
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import logging
 import math
@@ -303,7 +304,7 @@ def _history_panel(study: Any, target_name: str) -> charts.LinePanel:
         raise ValueError("no finished trial")
     numbers, values = [t.number for t in trials], [t.value for t in trials]
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    best = [pick(values[: i + 1]) for i in range(len(values))]
+    best = list(itertools.accumulate(values, pick))
     series = [
         charts.Series("objective value", numbers, values, line=False),
         charts.Series("best value", numbers, best, marker=None),
@@ -312,12 +313,13 @@ def _history_panel(study: Any, target_name: str) -> charts.LinePanel:
 
 
 def _importances_panel(study: Any, target_name: str) -> charts.HBarPanel:
-    """Optuna's parameter importances (its default evaluator, PedANOVA, needs no
-    scikit-learn), the most important on top. No ``target``: with one, PedANOVA would
-    take a lower value as better whatever the study's direction."""
+    """Optuna's parameter importances by PedANOVA (named: Optuna 4's default, fANOVA, needs
+    scikit-learn, which .venv leaves out), the most important on top. No ``target``: with
+    one, PedANOVA would take a lower value as better whatever the study's direction."""
     import optuna
 
-    importances = optuna.importance.get_param_importances(study)
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     if not importances:
         raise ValueError("no parameter importances (too few finished trials)")
     title = "Hyperparameter importances"

@@ -47,7 +47,7 @@ def check_backend(
     except ImportError:
         raise ConfigError(
             "a PostgreSQL store needs psycopg, the project's optional `server` extra: "
-            "make server installs it (or uv sync --inexact --extra server)"
+            "make server installs it (or uv sync --frozen --inexact --extra server)"
         ) from None
 
     # libpq does not know SQLAlchemy's driver suffix (postgresql+psycopg://).
