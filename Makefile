@@ -83,11 +83,12 @@ test: $(ALL_STAMP) $(MLFLOW_STAMP)
 test-fast: $(ALL_STAMP) $(MLFLOW_STAMP)
 	python -m pytest -m "not slow"
 
-## Style, and the floor plan: no import cycle, no stage importing another stage.
+## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
 lint: setup
 	ruff check src tests tools bench
 	ruff format --check src tests tools bench
 	python tools/check_imports.py src
+	python tools/check_addresses.py src tests bench tools Makefile .ci
 
 # The baseline's own environment: the book's readers run its script with TensorFlow, Keras
 # and NumPy alone (uv.lock's versions, bench/requirements-tf.txt), not in .venv, where Keras

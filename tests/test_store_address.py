@@ -4,6 +4,7 @@ through the real stage command; the project's own store works under any folder n
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -92,16 +93,19 @@ def test_passwords_stay_out_of_messages(monkeypatch, uri):
         ("sqlite:///:memory:", "in-memory SQLite store"),
         ("HTTP://127.0.0.1:{port}", "is not reachable"),
         ("postgresql://mlflow:pw@127.0.0.1:{port}/mlflow", "is not usable"),
-        # a host that never answers (unroutable): the connect timeout, not minutes of retries
-        ("postgresql://mlflow:pw@10.255.255.1:5432/mlflow", "is not usable"),
+        # a server that never answers (a loopback socket that accepts nothing): the connect
+        # timeout, not minutes of retries
+        ("postgresql://mlflow:pw@127.0.0.1:{silent}/mlflow", "is not usable"),
         ("mysql://u@127.0.0.1:{port}/mlflow", "does not support"),
     ],
 )
-def test_the_stage_refuses_in_seconds_and_writes_nothing(tmp_path, tiny_mirror, uri, reason):
+def test_the_stage_refuses_in_seconds_and_writes_nothing(
+    tmp_path, tiny_mirror, silent_port, uri, reason
+):
     """Through the real command: one line, exit 1, seconds, no data and no ./mlruns."""
     if uri.startswith("postgresql"):
         require_extra("psycopg", "server")
-    uri = uri.format(port=free_port())
+    uri = uri.format(port=free_port(), silent=silent_port)
     result, seconds = download(tmp_path, uri, tiny_mirror)
     assert result.returncode == 1, result.stderr
     assert seconds < 60  # seconds on a busy machine, not minutes of retries
@@ -110,6 +114,17 @@ def test_the_stage_refuses_in_seconds_and_writes_nothing(tmp_path, tiny_mirror, 
     assert "Traceback" not in result.stderr
     assert "pw@" not in result.stderr
     assert set(os.listdir(tmp_path)) <= {"outputs"}  # Hydra's log folder at most
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port whose listener never accepts and never speaks: a client's connect
+    waits there until its own timeout, as with a host that drops every packet, without
+    sending anything off this machine."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        yield listener.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", ["we%ird 50%25 done", "why? #1", "a&b=c;d #x?y=z%"])
