@@ -45,9 +45,7 @@ def files(paths: list[str]) -> list[Path]:
         path = Path(name)
         candidates = path.rglob("*") if path.is_dir() else [path]
         out += [
-            p
-            for p in candidates
-            if p.is_file() and p.suffix in SUFFIXES and ".venv" not in p.parts
+            p for p in candidates if p.is_file() and p.suffix in SUFFIXES and ".venv" not in p.parts
         ]
     return sorted(out)
 
