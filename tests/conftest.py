@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,20 @@ from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _absl_on_the_process_stderr() -> None:
+    """absl (TensorFlow's Python logging) binds its handler to the ``sys.stderr`` of its
+    import, here pytest's capture stream. A command run in-process under Hydra configures
+    logging with ``dictConfig``, which closes every handler, and absl's ``close`` closes a
+    stream that is not the current ``sys.stderr`` (``capsys``'s, then): pytest's own capture
+    then fails. The process's stderr (captured at the descriptor) is never closed."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_on_the_process_stderr()
 # Tests run the project from copies in temporary folders, which have no .venv-mlflow of their
 # own: their `mlflow ui` and `mlflow server` use this checkout's (project.full_mlflow).
 os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / MLFLOW_PYTHON))
@@ -27,16 +42,19 @@ def tiny_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture
-def tracking_store(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store for one test (never the project's own).
+def tracking_store(tmp_path, monkeypatch, store_template) -> str:
+    """A fresh SQLite MLflow store for one test (never the project's own), already created:
+    a copy of the session's empty store, so no test pays MLflow's schema migrations.
 
     MLflow's process-wide URI (set by earlier stages in this process) outranks the
     environment variable, so it is set here too and cleared afterwards.
     """
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    (tmp_path / "store").mkdir(exist_ok=True)
+    from tests.helpers.store import seed
+
+    database = seed(store_template, tmp_path / "store" / "mlflow.db")
+    uri = f"sqlite:///{database}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri
@@ -128,19 +146,10 @@ def sweep(tiny_mirror, tracking_store, workdir):
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store, made once: creating one runs every schema migration
-    (minutes on a busy machine); copies of it (``tests.helpers.store.seed``) cost nothing."""
+    (seconds, minutes on a busy machine); copies of it (``tests.helpers.store.seed``) cost
+    nothing."""
     import mlflow
 
     path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
-
-
-@pytest.fixture
-def seeded_store(tracking_store, store_template) -> str:
-    """``tracking_store``, already created: request it before fixtures that log runs."""
-    from mnist_pipeline.store_address import sqlite_path
-    from tests.helpers.store import seed
-
-    seed(store_template, sqlite_path(tracking_store))
-    return tracking_store

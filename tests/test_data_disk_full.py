@@ -39,9 +39,7 @@ def no_staging_left(folder: Path) -> bool:
     return not list(folder.rglob(".*.tmp"))
 
 
-def test_preprocess_on_a_full_disk_replaces_nothing(
-    seeded_store, tiny_cfg, tiny_mirror, workdir, disk
-):
+def test_preprocess_on_a_full_disk_replaces_nothing(tiny_cfg, tiny_mirror, workdir, disk):
     from mnist_pipeline import download
 
     download.download(tiny_cfg)
@@ -60,9 +58,7 @@ def test_preprocess_on_a_full_disk_replaces_nothing(
     assert digests(disk) != before
 
 
-def test_train_and_evaluate_on_a_full_disk_replace_nothing(
-    seeded_store, prepared, tiny_mirror, workdir, disk
-):
+def test_train_and_evaluate_on_a_full_disk_replace_nothing(prepared, tiny_mirror, workdir, disk):
     sha = tiny_mirror[1]
     where = [f"paths.models={disk / 'models'}", f"paths.reports={disk / 'reports'}"]
     common = ["train.epochs=1", "model.units=32", *where]

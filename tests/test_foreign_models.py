@@ -53,9 +53,7 @@ def write_model(kind: str, path: Path) -> None:
         ("torch_file", "is not a loadable Keras model"),
     ],
 )
-def test_a_model_that_does_not_fit_is_one_line(
-    seeded_store, prepared, tiny_mirror, workdir, kind, reason
-):
+def test_a_model_that_does_not_fit_is_one_line(prepared, tiny_mirror, workdir, kind, reason):
     import mlflow
 
     from mnist_pipeline import tracking

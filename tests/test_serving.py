@@ -23,18 +23,10 @@ from mnist_pipeline import images, register, serving, tracking
 from mnist_pipeline.artifacts import MNIST_FILES, RUN_FILE
 from mnist_pipeline.errors import DataError
 from mnist_pipeline.idx import to_idx_bytes, write_idx
+from tests.helpers.cli import exit_code
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import run_stage
-
-
-def exit_code(main, argv: list[str]) -> int:
-    """A CLI's exit status as the shell sees it: ``main``'s return value, or the status of
-    the ``SystemExit`` that the shared error helper raises for an expected failure."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
+from tests.helpers.services import free_port
 
 # --- the contract, without a model ------------------------------------------------------
 
@@ -167,14 +159,6 @@ def rendered_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         formatted = images.to_mnist(np.asarray(canvas, dtype=np.float32) / 255.0)
         out[i] = np.round(formatted * 255).astype(np.uint8)
     return out, labels
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ScoringServer:

@@ -28,7 +28,7 @@ from mnist_pipeline import run_names, ui
 from mnist_pipeline.params import compose_params
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
-from tests.helpers.services import require_full_mlflow
+from tests.helpers.services import free_port, require_full_mlflow
 from tests.helpers.workspace import copy_project, git_commit
 
 CHROMIUM = "/usr/bin/chromium"
@@ -209,12 +209,6 @@ def fill_store(root: Path, mirror: Path, sha: dict[str, str]) -> tuple[Path, dic
     _run(["dvc", "exp", "run", *exp], repo, env)
     _run([sys.executable, "-m", "mnist_pipeline.pipeline", "-m", "model.units=16,24"], repo, env)
     return repo, env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium_or_skip() -> str:
