@@ -75,13 +75,18 @@ repro: setup
 exps: setup
 	dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' $(ARGS)
 
-## The test suite (CI runs this), with every optional extra installed.
-test: $(ALL_STAMP) $(MLFLOW_STAMP)
-	python -m pytest
+# Both tiers run on every core (pytest-xdist); a file's tests stay on one worker, so a module's
+# set-up (a trained DVC project, a server) is made once. TESTS=tests/test_x.py runs one file.
+PYTEST_PARALLEL := -n logical --dist loadfile
+TESTS ?=
 
-## The quick part: everything but the end-to-end DVC runs and sweeps (-m "not slow").
+## The whole suite with line and branch coverage of src/ (CI runs this; about 10 minutes).
+test: $(ALL_STAMP) $(MLFLOW_STAMP)
+	python -m pytest $(PYTEST_PARALLEL) --cov --cov-report=term:skip-covered $(TESTS)
+
+## The inner loop: all but the end-to-end runs (-m "not slow"; about 2 minutes).
 test-fast: $(ALL_STAMP) $(MLFLOW_STAMP)
-	python -m pytest -m "not slow"
+	python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(TESTS)
 
 ## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
 lint: setup

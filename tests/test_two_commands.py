@@ -5,9 +5,13 @@ between train and evaluate: each fails loudly, and nothing records the wrong pai
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -21,6 +25,10 @@ from tests.helpers.workspace import git_commit, tiny_dvc_project
 
 pytestmark = pytest.mark.slow
 
+#: Long enough that a train run seen open is still training (seconds on tiny data): the
+#: training is paused there, so nothing depends on how fast the machine is.
+EPOCHS = 200
+
 
 @pytest.fixture
 def repo(tmp_path, tiny_mirror, store_template):
@@ -32,13 +40,23 @@ def repo(tmp_path, tiny_mirror, store_template):
 
 
 def start(cmd: list[str], repo: Path, env: dict) -> subprocess.Popen:
+    """``cmd`` in a process group of its own (DVC and the stage it runs), to pause together."""
     return subprocess.Popen(
-        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
-def wait_for_training(proc: subprocess.Popen) -> None:
-    """Until a train run is open (the stage is past reading its params)."""
+@contextlib.contextmanager
+def paused_in_training(proc: subprocess.Popen) -> Iterator[None]:
+    """Once a train run is open (the stage is past reading its params), stop ``proc`` and
+    its stage (SIGSTOP) for the block, then let them go on: what the block does happens
+    "during training" however fast the machine trains, with a short training."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if mlflow.search_runs(
@@ -46,9 +64,15 @@ def wait_for_training(proc: subprocess.Popen) -> None:
             output_format="list",
             filter_string="tags.stage = 'train' and attributes.status = 'RUNNING'",
         ):
-            return
-        time.sleep(0.5)
-    raise AssertionError(proc.communicate()[0][-3000:])
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(proc.communicate()[0][-3000:])
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
 
 
 def lock_stages(repo: Path) -> dict:
@@ -58,16 +82,16 @@ def lock_stages(repo: Path) -> dict:
 
 def test_a_second_exp_run_cannot_pair_its_params_with_the_firsts_result(repo):
     repo, env = repo
-    first = start(["dvc", "exp", "run", "-S", "train.epochs=3000"], repo, env)
-    wait_for_training(first)
-    second = subprocess.run(
-        ["dvc", "exp", "run", "-S", "model.units=16"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = start(["dvc", "exp", "run", "-S", f"train.epochs={EPOCHS}"], repo, env)
+    with paused_in_training(first):
+        second = subprocess.run(
+            ["dvc", "exp", "run", "-S", "model.units=16"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     output = first.communicate(timeout=900)[0]
     # DVC's behaviour (3.x): the second applies -S to params.yaml, then fails on the lock.
     assert second.returncode != 0
@@ -96,11 +120,11 @@ def test_params_edited_during_repro_or_before_evaluate_fail_loudly(repo):
     # An editor saves params.yaml while `dvc repro` trains.
     params = repo / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("epochs: 1\n", "epochs: 3000\n"))
-    git_commit(repo, env, "long training")
+    params.write_text(original.replace("epochs: 1\n", f"epochs: {EPOCHS}\n"))
+    git_commit(repo, env, "longer training")
     proc = start(["dvc", "repro"], repo, env)
-    wait_for_training(proc)
-    edit_yaml(params, **{"optimizer.learning_rate": 0.5})
+    with paused_in_training(proc):
+        edit_yaml(params, **{"optimizer.learning_rate": 0.5})
     output = proc.communicate(timeout=900)[0]
     assert proc.returncode != 0, output[-3000:]
     assert "params.yaml changed since this stage started (optimizer.learning_rate" in output, (
