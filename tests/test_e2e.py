@@ -125,7 +125,7 @@ def test_queued_experiments_log_to_the_project_store(project):
         status = run(["dvc", "queue", "status"], repo, env)
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(3)
+        time.sleep(1)
     assert status.count("Success") == 2, status
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))

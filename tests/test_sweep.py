@@ -38,7 +38,7 @@ def test_two_by_two_sweep(sweep, workdir):
 
 def test_parallel_sweep_loses_no_run(sweep):
     result, _, children = sweep(
-        "model.units=8,16,24,32", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4"
+        "model.units=8,16,24,32", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "database is locked" not in result.stderr
