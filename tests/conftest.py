@@ -34,6 +34,20 @@ _absl_on_the_process_stderr()
 os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / MLFLOW_PYTHON))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest work first: pytest-xdist hands it out in this order (make test passes
+    ``--no-loadscope-reorder``), so no worker is left with a long module at the end while the
+    other idles. First the modules whose tests share a set-up (``xdist_group``: one worker
+    runs each), then the other slow tests, then the rest; the order within a module stays."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A local mirror of tiny MNIST-format data and the checksums that verify it."""

@@ -19,7 +19,7 @@ from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_workflow")]  # one set-up per module
 
 HEADLINE = set(HEADLINE_METRICS)
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]  # one set-up per module
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -118,7 +118,7 @@ def test_queued_experiments_log_to_the_project_store(project):
 
     repo, env, _ = project
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
-    run(["dvc", "exp", "run", "--queue", "-S", "model.units=16,24"], repo, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "model.units=16"], repo, env)
     run(["dvc", "queue", "start"], repo, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -126,14 +126,14 @@ def test_queued_experiments_log_to_the_project_store(project):
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(1)
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 1, status
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
     units = sorted(
         e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"]["units"] for e in experiments
     )
-    assert {16, 24} <= set(units)
+    assert 16 in units
     for e in experiments:
         assert "test_accuracy" in e["revs"][0]["data"]["metrics"]["reports/metrics.json"]["data"]
 
@@ -141,9 +141,7 @@ def test_queued_experiments_log_to_the_project_store(project):
     experiment = client.get_experiment_by_name("mnist")
     trained = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
     by_units = {r.data.params["model.units"]: r for r in trained}
-    assert {"16", "24"} <= set(by_units)
-    for units in ("16", "24"):
-        assert "test_accuracy" in by_units[units].data.metrics
+    assert "test_accuracy" in by_units["16"].data.metrics
 
 
 def test_override_of_a_missing_key_is_refused(project):
