@@ -75,10 +75,11 @@ repro: setup
 exps: setup
 	dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' $(ARGS)
 
-# Both tiers run on every core (pytest-xdist). Tests go out one by one, longest first
-# (tests/conftest.py orders them); a module whose tests share a set-up (a trained DVC project,
-# a server) is one xdist_group, run by one worker. TESTS=tests/test_x.py runs one file.
-PYTEST_PARALLEL := -n logical --dist loadgroup --no-loadscope-reorder
+# Both tiers run on every core (pytest-xdist). A file's tests stay on one worker, so a
+# module's set-up (a trained DVC project, a server) is made once; files go out longest first
+# (tests/conftest.py orders them). Not --dist loadgroup: on pytest 9.2 it silently stops
+# grouping (pytest-dev/pytest-xdist#1386). TESTS=tests/test_x.py runs one file.
+PYTEST_PARALLEL := -n logical --dist loadfile --no-loadscope-reorder
 TESTS ?=
 
 ## The whole suite with line and branch coverage of src/ (CI runs this; about 10 minutes).

@@ -35,17 +35,20 @@ os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / MLFLOW_PYTHON))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest work first: pytest-xdist hands it out in this order (make test passes
-    ``--no-loadscope-reorder``), so no worker is left with a long module at the end while the
-    other idles. First the modules whose tests share a set-up (``xdist_group``: one worker
-    runs each), then the other slow tests, then the rest; the order within a module stays."""
-
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("xdist_group"):
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)
+    """The longest files first: pytest-xdist (``--dist loadfile``: a file's tests on one
+    worker, so a module-scoped set-up is made once) hands files out in this order (make test
+    passes ``--no-loadscope-reorder``), so no worker is left with a long file at the end while
+    the other idles. Files marked ``heavy`` (a minute or more: a trained DVC project, a
+    server, long races) first, then by their number of slow tests; the order within a file
+    stays."""
+    weight: dict[Path, tuple[int, int]] = {}
+    for item in items:
+        heavy, slow = weight.get(item.path, (0, 0))
+        weight[item.path] = (
+            heavy or bool(item.get_closest_marker("heavy")),
+            slow + bool(item.get_closest_marker("slow")),
+        )
+    items.sort(key=lambda item: tuple(-w for w in weight[item.path]))
 
 
 @pytest.fixture(scope="session")

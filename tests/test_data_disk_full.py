@@ -15,6 +15,9 @@ from tests.helpers.config import sha_overrides
 from tests.helpers.faults import digests, fill, one_error_line, tmpfs
 from tests.helpers.processes import run_stage
 
+#: Every test here runs the real commands in subprocesses (make test-fast skips them).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def disk(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]  # one set-up per module
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:

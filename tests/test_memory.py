@@ -19,6 +19,9 @@ from mnist_pipeline import memory
 from tests.helpers.config import sha_overrides
 from tests.helpers.faults import needs_root
 
+#: Every test here runs the real commands in subprocesses (make test-fast skips them).
+pytestmark = pytest.mark.slow
+
 
 def cgroup_v1() -> Path:
     """A fresh memory cgroup (v1) under this process's own; removed by the caller."""
@@ -103,6 +106,7 @@ def test_a_cgroup_limit_is_honoured_before_allocating(prepared, tiny_mirror, wor
 #: one's below 0 needs CAP_SYS_RESOURCE, which a container's root may not have.)
 HOG = """
 import sys, time
+
 victim, step, cap = int(sys.argv[1]), 8 << 20, 4 << 30
 def alive():
     try:

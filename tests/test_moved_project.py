@@ -49,6 +49,7 @@ def logged_dicts(database: Path) -> list[dict]:
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_a_moved_project_logs_inside_itself(tmp_path, tiny_mirror, store_template):
     """``mv`` of the whole project, default store: the old runs' artifacts load from the new
     place and new ones go there; the old folder is not recreated."""
@@ -66,6 +67,7 @@ def test_a_moved_project_logs_inside_itself(tmp_path, tiny_mirror, store_templat
     assert len(logged_dicts(new / "mlflow.db")) == 2  # the moved run's artifacts load too
 
 
+@pytest.mark.slow
 def test_a_copied_store_never_writes_into_the_original(tmp_path, tiny_mirror, store_template):
     original = tmp_path / "original"
     seed(store_template, original / "store" / "mlflow.db")

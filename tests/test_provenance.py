@@ -41,6 +41,7 @@ def no_git_path() -> str:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["not_a_repo", "no_git", "other_owner", "no_commit"])
 def test_unreadable_provenance_is_recorded_and_shown(tmp_path, tiny_mirror, tracking_store, case):
     work = tmp_path / "work"

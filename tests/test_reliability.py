@@ -62,6 +62,7 @@ def test_runs_of_dead_processes_are_marked_killed(tiny_cfg):
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_once_and_the_next_run_marks_it_killed(tiny_cfg, tiny_mirror, workdir):
     download.download(tiny_cfg)
     preprocess.preprocess(tiny_cfg)
@@ -129,6 +130,7 @@ with tracking.start_run(cfg, "writer", params={"writer": sys.argv[1]}):
 """
 
 
+@pytest.mark.slow
 def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
     tracking.ensure_experiment("mnist")  # as a sweep does before its jobs start
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -169,6 +171,7 @@ def git_workdir(workdir):
     return workdir, env
 
 
+@pytest.mark.slow
 def test_reproduce_a_run_bit_for_bit(tiny_cfg, git_workdir, tmp_path):
     from mnist_pipeline.reproduce import reproduce
 

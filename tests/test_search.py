@@ -28,6 +28,8 @@ from mnist_pipeline import search
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.project import CONF_DIR
 
+pytestmark = pytest.mark.heavy
+
 STUDY = ("hparams_search=mnist_optuna", "train.epochs=1")
 
 

@@ -28,8 +28,7 @@ from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import run_stage
 from tests.helpers.services import free_port
 
-#: One worker runs this module: its tests share a module-scoped set-up (pytest-xdist).
-pytestmark = pytest.mark.xdist_group("serving")
+pytestmark = pytest.mark.heavy
 
 # --- the contract, without a model ------------------------------------------------------
 

@@ -71,6 +71,7 @@ def test_read_only_commands_create_no_store(tmp_path, module, args, store):
     assert tree(work) == [] and tree(tmp) == []
 
 
+@pytest.mark.slow
 def test_failed_reproductions_leave_no_temporary_folder(tmp_path, tracking_store):
     """Three ways to fail after the store is found: an unknown run, a run of another stage,
     a run that recorded no commit. None may leave a ``reproduce-*`` folder behind."""

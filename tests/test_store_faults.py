@@ -22,6 +22,9 @@ from tests.helpers.faults import digests, fill, one_error_line, tmpfs
 from tests.helpers.processes import run_stage
 from tests.helpers.store import seed
 
+#: Every test here runs the real commands in subprocesses (make test-fast skips them).
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+
 
 @pytest.fixture
 def disk(tmp_path):
@@ -114,6 +117,7 @@ def test_corrupt_store(project, tmp_path, tiny_mirror):
 
 HOLDER = """
 import sqlite3, sys, time
+
 con = sqlite3.connect(sys.argv[1], isolation_level=None)
 con.execute(sys.argv[2])
 con.execute("select count(*) from runs").fetchone()

@@ -21,8 +21,7 @@ from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_pipeline, run_stage
 from tests.helpers.services import MlflowServer, Postgres, free_port, require_extra
 
-#: One worker runs this module: its tests share a module-scoped set-up (pytest-xdist).
-pytestmark = pytest.mark.xdist_group("tracking_server")
+pytestmark = pytest.mark.heavy
 
 EPOCHS = 2
 

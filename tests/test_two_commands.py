@@ -23,7 +23,7 @@ from tests.helpers.config import edit_yaml
 from tests.helpers.store import seed
 from tests.helpers.workspace import git_commit, tiny_dvc_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 #: Long enough that a train run seen open is still training (seconds on tiny data): the
 #: training is paused there, so nothing depends on how fast the machine is.

@@ -31,8 +31,7 @@ from tests.helpers.data import TRAIN_SIZE
 from tests.helpers.services import free_port, require_full_mlflow
 from tests.helpers.workspace import copy_project, git_commit
 
-#: One worker runs this module: its tests share a module-scoped set-up (pytest-xdist).
-pytestmark = pytest.mark.xdist_group("ui")
+pytestmark = pytest.mark.heavy
 
 CHROMIUM = "/usr/bin/chromium"
 
