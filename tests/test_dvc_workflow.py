@@ -140,7 +140,19 @@ def test_hand_edited_params_stop_before_any_output_is_removed(project):
 
 def test_experiment_table_and_provenance(project):
     repo, env, _ = project
-    dvc(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env)
+    ran = dvc(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env).stdout
+    # A param reruns only the stages that depend on it.
+    assert "Running stage 'train'" in ran and "Running stage 'evaluate'" in ran
+    assert "Running stage 'download'" not in ran and "Running stage 'preprocess'" not in ran
+    shown = json.loads(dvc(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    (data,) = [
+        e["revs"][0]["data"]
+        for commit in shown
+        for e in commit.get("experiments") or []
+        if e["revs"][0]["name"] == "two-epochs"
+    ]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert "test_accuracy" in data["metrics"]["reports/metrics.json"]["data"]
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == HEADLINE

@@ -96,20 +96,6 @@ def test_push_then_pull_into_a_fresh_clone(project, tmp_path):
     assert (clone / "models/model.keras").read_bytes() == (repo / "models/model.keras").read_bytes()
 
 
-def test_param_change_reruns_only_what_it_touches(project):
-    repo, env, _ = project
-    out = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
-
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
-    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
-    assert experiments, shown
-    data = experiments[0]["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
-    assert "test_accuracy" in data["metrics"]["reports/metrics.json"]["data"]
-
-
 def test_queued_experiments_log_to_the_project_store(project):
     """`dvc exp run --queue` + `dvc queue start` run in temporary copies of the repository
     (.dvc/tmp/exps/...); with the default store their runs must still reach the project's
