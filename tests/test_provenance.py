@@ -16,17 +16,11 @@ import pytest
 from tests.helpers.config import sha_overrides
 from tests.helpers.faults import needs_root
 from tests.helpers.processes import run_stage
-
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-}
+from tests.helpers.workspace import GIT_IDENTITY
 
 
 def git_repo(path: Path, commit: bool = True) -> None:
-    env = {**os.environ, **IDENTITY}
+    env = {**os.environ, **GIT_IDENTITY}
     subprocess.run(["git", "init", "-q"], cwd=path, env=env, check=True)
     if commit:
         (path / "README").write_text("x\n")

@@ -18,6 +18,7 @@ from mnist_pipeline.errors import PipelineError
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
 from tests.helpers.services import free_port
+from tests.helpers.workspace import GIT_IDENTITY
 
 
 def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):
@@ -158,13 +159,7 @@ def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
 
 @pytest.fixture
 def git_workdir(workdir):
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
+    env = {**os.environ, **GIT_IDENTITY}
     (workdir / "README").write_text("v1\n")
     for cmd in (["git", "init", "-q"], ["git", "add", "README"], ["git", "commit", "-qm", "v1"]):
         subprocess.run(cmd, cwd=workdir, env=env, check=True)

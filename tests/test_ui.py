@@ -29,7 +29,7 @@ from mnist_pipeline.params import compose_params
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
 from tests.helpers.services import free_port, require_full_mlflow
-from tests.helpers.workspace import copy_project, git_commit
+from tests.helpers.workspace import GIT_IDENTITY, copy_project, git_commit
 
 pytestmark = pytest.mark.heavy
 
@@ -199,10 +199,7 @@ def fill_store(root: Path, mirror: Path, sha: dict[str, str]) -> tuple[Path, dic
         "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": "src",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
+        **GIT_IDENTITY,
     }
     git_commit(repo, env)
     _run(["dvc", "repro"], repo, env)

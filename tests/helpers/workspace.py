@@ -13,6 +13,15 @@ from mnist_pipeline.params import compose_params
 from mnist_pipeline.project import PROJECT_ROOT
 from tests.helpers.config import edit_yaml
 
+#: A git identity for the commits tests make (and `dvc exp run` makes): a CI machine may
+#: have none configured.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
 #: What a copy needs to run the pipeline (uncommitted edits included).
 PROJECT_FILES = (
     "dvc.yaml",
@@ -41,12 +50,8 @@ def copy_project(dest: Path, env: dict[str, str] | None = None, commit: bool = T
 
 def git_commit(repo: Path, env: dict[str, str] | None = None, message: str = "copy") -> None:
     """``git init`` (if needed), add everything, commit: DVC experiments need a commit."""
-    identity = ["-c", "user.name=mnist-pipeline", "-c", "user.email=mnist-pipeline@localhost"]
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", *identity, "commit", "-qm", message],
-    ):
+    env = {**(os.environ if env is None else env), **GIT_IDENTITY}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", message]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
 
 
@@ -67,10 +72,7 @@ def tiny_dvc_project(
         "MNIST_MIRROR": str(mirror),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
+        **GIT_IDENTITY,
     }
     git_commit(repo, env)
     return repo, env
