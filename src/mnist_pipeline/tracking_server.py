@@ -58,8 +58,8 @@ def check_backend(
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"PostgreSQL store {redact(uri)} is not usable: {reason}. Start PostgreSQL and "
-            "create the role and database (docs/operations.md, 'A shared tracking server on PostgreSQL'), or set "
-            f"{setting}"
+            "create the role and database (docs/operations.md, 'A shared tracking server on "
+            f"PostgreSQL'), or set {setting}"
         ) from None
 
 
