@@ -20,7 +20,7 @@ ALLOWED = [
     ipaddress.ip_network("0.0.0.0/32"),
     ipaddress.ip_network("198.18.0.0/15"),
 ]
-#: A dotted quad standing alone: not part of a longer dotted number such as a version 1.2.3.4.5.
+#: A dotted quad standing alone: not part of a longer dotted number (a five-part version).
 QUAD = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.]*\d)")
 SUFFIXES = {".py", ".sh", ".yaml", ".yml", ".toml", ".cfg", ".txt", ""}
 
