@@ -19,7 +19,7 @@ def exit_code(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     try:
         return main(argv) or 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return _status(exc)
 
 
 def run_module(module: str, *args: str) -> int:
@@ -35,6 +35,11 @@ def run_module(module: str, *args: str) -> int:
             runpy.run_module(f"mnist_pipeline.{module}", run_name="__main__", alter_sys=True)
         return 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return _status(exc)
     finally:
         sys.argv = saved
+
+
+def _status(exc: SystemExit) -> int:
+    """The shell's status for ``sys.exit(code)``: None is 0, a message is 1."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
