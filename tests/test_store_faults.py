@@ -11,12 +11,15 @@ import os
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.helpers.config import sha_overrides
+from mnist_pipeline import download
+from mnist_pipeline.store_address import sqlite_path
+from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.faults import digests, fill, one_error_line, tmpfs
 from tests.helpers.processes import run_stage
@@ -44,16 +47,28 @@ def runs(uri: str) -> list:
 
 
 @pytest.fixture
-def project(tmp_path, tiny_mirror, store_template):
-    """A working folder after one good download run into a store at the given path."""
-    work = tmp_path / "work"
-    work.mkdir()
+def project(tmp_path, tiny_mirror, store_template, monkeypatch):
+    """A working folder after one good download run into a store at the given path.
 
-    def first_run(store: Path) -> tuple[Path, str]:
+    The good run is in-process (a subprocess pays seconds of imports); every fault meets
+    the real command. MLflow's engine for the store, cached for the process, takes NullPool:
+    no connection stays open between calls, so a test can remount the store's disk read-only."""
+    folder, sha = tiny_mirror
+
+    def first_run(store: Path, work: Path = tmp_path / "work") -> tuple[Path, str]:
         seed(store_template, store)
         uri = f"sqlite:///{store}"
-        result = stage("download", work, uri, *tiny_mirror)
-        assert result.returncode == 0, result.stderr[-3000:]
+        work.mkdir()
+        with monkeypatch.context() as scope:
+            scope.chdir(work)
+            scope.setenv("MLFLOW_TRACKING_URI", uri)
+            scope.setenv("MNIST_MIRROR", str(folder))
+            scope.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # MLflow caches it
+            mlflow.set_tracking_uri(uri)
+            try:
+                download.download(compose_config(sha_overrides(sha)))
+            finally:
+                mlflow.set_tracking_uri(None)
         return work, uri
 
     return first_run
@@ -126,31 +141,42 @@ time.sleep(300)
 """
 
 
-@pytest.mark.parametrize(
-    "begin",
-    [
-        "begin exclusive",
-        "begin immediate",  # a writer's transaction left open
-        "begin",  # a notebook's read transaction: a writer cannot commit past it
-    ],
+#: Three ways another process holds the store (each met by its own stage, all at once: the
+#: stages wait out the lock timeout side by side).
+HOLDS = (
+    "begin exclusive",
+    "begin immediate",  # a writer's transaction left open
+    "begin",  # a notebook's read transaction: a writer cannot commit past it
 )
-def test_store_held_by_another_process(project, tmp_path, tiny_mirror, begin):
-    work, uri = project(tmp_path / "store" / "mlflow.db")
-    before = digests(work / "data")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path / "store" / "mlflow.db"), begin],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+
+
+def test_store_held_by_another_process(project, tmp_path, tiny_mirror):
+    cases = [
+        project(tmp_path / f"store{i}" / "mlflow.db", tmp_path / f"work{i}") for i in (0, 1, 2)
+    ]
+    before = [digests(work / "data") for work, _ in cases]
+    holders = []
     try:
-        assert holder.stdout.readline().strip() == "holding"
-        result = stage("download", work, uri, *tiny_mirror)
+        for (_, uri), begin in zip(cases, HOLDS, strict=True):
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, sqlite_path(uri), begin],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holders.append(holder)
+            assert holder.stdout.readline().strip() == "holding"
+        with ThreadPoolExecutor(len(cases)) as pool:
+            stages = list(
+                pool.map(lambda case: stage("download", case[0], case[1], *tiny_mirror), cases)
+            )
     finally:
-        holder.kill()
-        holder.wait()
-    one_error_line(result, "is locked by another process", "close it")
-    assert result.seconds < 150 and digests(work / "data") == before
-    result = stage("download", work, uri, *tiny_mirror)
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    for begin, result, (work, _), then in zip(HOLDS, stages, cases, before, strict=True):
+        one_error_line(result, "is locked by another process", "close it")
+        assert result.seconds < 150 and digests(work / "data") == then, begin
+    result = stage("download", *cases[2], *tiny_mirror)  # the lock gone, the stage just works
     assert result.returncode == 0, result.stderr[-3000:]
 
 
