@@ -14,11 +14,13 @@ import urllib.request
 
 import psutil
 import pytest
+from mlflow import set_tracking_uri
 
-from mnist_pipeline import tracking_server
+from mnist_pipeline import register, tracking_server
 from mnist_pipeline.project import PROJECT_ROOT
+from tests.helpers.cli import exit_code
 from tests.helpers.config import sha_overrides
-from tests.helpers.processes import run_pipeline, run_stage
+from tests.helpers.processes import run_pipeline
 from tests.helpers.services import MlflowServer, Postgres, free_port, require_extra
 
 pytestmark = pytest.mark.heavy
@@ -58,7 +60,7 @@ def fetch(url: str, path: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
+def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path, monkeypatch, capsys):
     mlflow, artifacts, password = server
     folder, sha = tiny_mirror
     # The database password is in the server's environment, never in its arguments, which
@@ -137,10 +139,16 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path):
         assert (artifacts / location / "MLmodel").is_file()
 
     # The registry on the server: the sweep's best job registered, then promoted (the tiny
-    # data's train/test gap is wide: the rule's limit is lifted).
-    for args in (["--best-of-sweep"], ["--promote", "registry.max_gap=1"]):
-        result = run_stage("register", workdir, env, *args)
-        assert result.returncode == 0, result.stderr[-3000:]
+    # data's train/test gap is wide: the rule's limit is lifted). In-process: the command's
+    # own wiring is tested in test_serving.
+    with monkeypatch.context() as scope:
+        scope.chdir(workdir)
+        scope.setenv("MLFLOW_TRACKING_URI", mlflow.url)
+        try:
+            for args in (["--best-of-sweep"], ["--promote", "registry.max_gap=1"]):
+                assert exit_code(register.main, args) == 0, capsys.readouterr()
+        finally:
+            set_tracking_uri(None)  # the commands set it for the process
     registered = api(mlflow.url, "mlflow/registered-models/get?name=mnist")["registered_model"]
     assert {a["alias"]: a["version"] for a in registered["aliases"]}["champion"] == "1"
     version = api(mlflow.url, "mlflow/model-versions/get?name=mnist&version=1")["model_version"]
