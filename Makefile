@@ -94,7 +94,7 @@ test-fast: $(ALL_STAMP) $(MLFLOW_STAMP)
 lint: setup
 	ruff check src tests tools bench
 	ruff format --check src tests tools bench
-	python tools/check_imports.py src
+	lint-imports  # the floor plan: [tool.importlinter] in pyproject.toml
 	python tools/check_addresses.py src tests bench tools Makefile .ci
 
 # The baseline's own environment: the book's readers run its script with TensorFlow, Keras

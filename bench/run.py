@@ -198,7 +198,7 @@ def machine() -> dict:
         pass
     from importlib.metadata import version
 
-    from mnist_pipeline.provenance import package_version
+    from mnist_pipeline.tracking.provenance import package_version
 
     return {
         "cpu": cpu,

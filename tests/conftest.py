@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.config import PipelineConfig
-from mnist_pipeline.project import MLFLOW_PYTHON, PROJECT_ROOT
+from mnist_pipeline.core.config import PipelineConfig
+from mnist_pipeline.core.project import MLFLOW_PYTHON, PROJECT_ROOT
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
@@ -98,7 +98,7 @@ def tiny_cfg(tiny_mirror, tracking_store, workdir, monkeypatch) -> PipelineConfi
 @pytest.fixture
 def prepared(tiny_cfg) -> PipelineConfig:
     """``tiny_cfg`` with its data downloaded and preprocessed in the working folder."""
-    from mnist_pipeline import download, preprocess
+    from mnist_pipeline.stages import download, preprocess
 
     download.download(tiny_cfg)
     preprocess.preprocess(tiny_cfg)
@@ -108,7 +108,7 @@ def prepared(tiny_cfg) -> PipelineConfig:
 @pytest.fixture(autouse=True)
 def no_public_mirrors(monkeypatch):
     """Tests never reach the network: only the mirrors a test names are tried."""
-    monkeypatch.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", ())
+    monkeypatch.setattr("mnist_pipeline.stages.download.DEFAULT_MIRRORS", ())
 
 
 @pytest.fixture
@@ -124,8 +124,8 @@ def https_mirror(tiny_mirror, tmp_path, monkeypatch):
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    monkeypatch.setattr("mnist_pipeline.download.TIMEOUT_S", 0.5)
-    monkeypatch.setattr("mnist_pipeline.download.BACKOFF_S", 0.01)
+    monkeypatch.setattr("mnist_pipeline.stages.download.TIMEOUT_S", 0.5)
+    monkeypatch.setattr("mnist_pipeline.stages.download.BACKOFF_S", 0.01)
     server = MirrorServer(tiny_mirror[0], ca_file, ca.issue_cert("127.0.0.1"))
     yield server
     server.close()

@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
 
 spec = importlib.util.spec_from_file_location(
     "tf_requirements", PROJECT_ROOT / "bench/tf_requirements.py"

@@ -1,4 +1,4 @@
-"""The Pillow charts (mnist_pipeline.charts): deterministic files, and no crash on the data
+"""The Pillow charts (mnist_pipeline.stages.charts): deterministic files, and no crash on the data
 a run can give (a NaN loss, an empty history, a constant curve, one epoch)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_pipeline import charts
-from mnist_pipeline.charts import COLOURS, BarPanel, HBarPanel, LinePanel, Series
+from mnist_pipeline.stages import charts
+from mnist_pipeline.stages.charts import COLOURS, BarPanel, HBarPanel, LinePanel, Series
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -5,8 +5,8 @@ import time
 import mlflow
 import pytest
 
-from mnist_pipeline import compare
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.core.errors import PipelineError
+from mnist_pipeline.experiments import compare
 
 KNOWN = [  # units, epochs, train_accuracy, test_accuracy
     ("128", "5", 0.980, 0.970),
@@ -104,7 +104,7 @@ def test_plot_draws_each_runs_numbers(known_runs, tmp_path, monkeypatch):
     as lines against the one param that does; right: every run's per-epoch accuracy."""
     from PIL import Image
 
-    from mnist_pipeline import charts
+    from mnist_pipeline.stages import charts
 
     drawn = []
     render = charts.render

@@ -7,10 +7,10 @@ import sys
 import pytest
 import yaml
 
-from mnist_pipeline.config import flatten
-from mnist_pipeline.errors import ConfigError
-from mnist_pipeline.params import compose_params
-from mnist_pipeline.project import CONF_DIR
+from mnist_pipeline.core.config import flatten
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.params import compose_params
+from mnist_pipeline.core.project import CONF_DIR
 from tests.helpers.config import compose_config
 
 
@@ -113,11 +113,19 @@ def test_momentum_only_where_it_applies():
 
 
 def test_every_registered_optimizer_builds_with_its_settings():
-    from mnist_pipeline.config import OPTIMIZERS
-    from mnist_pipeline.model import build_optimizer
+    from mnist_pipeline.core.config import OPTIMIZERS
+    from mnist_pipeline.stages.model import build_optimizer
 
     for name, spec in OPTIMIZERS.items():
         optimizer = build_optimizer(compose_config([f"optimizer={name}"]).optimizer)
         assert type(optimizer).__name__ == spec.keras_class
     sgd = build_optimizer(compose_config(["optimizer=sgd", "optimizer.momentum=0.5"]).optimizer)
     assert float(sgd.momentum) == 0.5
+
+
+def test_every_strategy_the_schema_accepts_has_a_set_up():
+    """The schema (core, no TensorFlow) names the strategies; the stage sets them up."""
+    from mnist_pipeline.core.config import STRATEGIES
+    from mnist_pipeline.stages.distribute import SETUPS
+
+    assert set(SETUPS) == set(STRATEGIES)

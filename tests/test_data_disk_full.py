@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline import download, evaluate, preprocess, train
+from mnist_pipeline.stages import download, evaluate, preprocess, train
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.faults import digests, fill, one_error_line, tmpfs
 from tests.helpers.processes import run_stage

@@ -13,10 +13,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline import evaluate, train
-from mnist_pipeline.artifacts import load_model
-from mnist_pipeline.distribute import cluster_task
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.stages import evaluate, train
+from mnist_pipeline.stages.artifacts import load_model
+from mnist_pipeline.stages.distribute import cluster_task
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
 from tests.helpers.services import free_port

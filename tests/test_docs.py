@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
 from tests.test_workflow_fast import COMMANDS
 
 PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]

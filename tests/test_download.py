@@ -7,9 +7,9 @@ import shutil
 import mlflow
 import pytest
 
-from mnist_pipeline.artifacts import MNIST_FILES
-from mnist_pipeline.download import Mirror, download, mirrors
-from mnist_pipeline.errors import ConfigError, DataError
+from mnist_pipeline.core.errors import ConfigError, DataError
+from mnist_pipeline.stages.artifacts import MNIST_FILES
+from mnist_pipeline.stages.download import Mirror, download, mirrors
 
 
 def raw_files(cfg):
@@ -39,7 +39,7 @@ def test_corrupt_mirror_before_good_one_falls_back(
     # Truncated gzip for another file.
     images = MNIST_FILES["test_images"]
     (bad / images).write_bytes((good / images).read_bytes()[:100])
-    monkeypatch.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", (str(good),))
+    monkeypatch.setattr("mnist_pipeline.stages.download.DEFAULT_MIRRORS", (str(good),))
     monkeypatch.setenv("MNIST_MIRROR", str(bad))
 
     with caplog.at_level(logging.WARNING):

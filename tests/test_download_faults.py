@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.artifacts import MNIST_FILES
-from mnist_pipeline.download import download
-from mnist_pipeline.errors import DataError
+from mnist_pipeline.core.errors import DataError
+from mnist_pipeline.stages.artifacts import MNIST_FILES
+from mnist_pipeline.stages.download import download
 from tests.helpers.services import free_port
 
 
 def use_mirrors(monkeypatch, *urls: str) -> None:
     monkeypatch.setenv("MNIST_MIRROR", urls[0])
-    monkeypatch.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", tuple(urls[1:]))
+    monkeypatch.setattr("mnist_pipeline.stages.download.DEFAULT_MIRRORS", tuple(urls[1:]))
 
 
 def test_good_https_mirror(tiny_cfg, https_mirror, monkeypatch):

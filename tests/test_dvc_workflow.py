@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline.artifacts import HEADLINE_METRICS
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
+from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
 from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
 from tests.helpers.workspace import git_commit, tiny_dvc_project

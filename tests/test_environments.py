@@ -11,7 +11,7 @@ import sys
 import mlflow
 import pytest
 
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
 from tests.helpers.services import require_full_mlflow
 
 #: What Keras imports when it finds it installed, and the full `mlflow` installs.

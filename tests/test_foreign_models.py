@@ -60,8 +60,9 @@ def test_a_model_that_does_not_fit_is_one_line(
     case through the real command as well, for its exit status and stderr."""
     import mlflow
 
-    from mnist_pipeline import evaluate, tracking
-    from mnist_pipeline.errors import exit_on_error
+    from mnist_pipeline import tracking
+    from mnist_pipeline.core.errors import exit_on_error
+    from mnist_pipeline.stages import evaluate
 
     models, reports = workdir / "models", workdir / "reports"
     models.mkdir()

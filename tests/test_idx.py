@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from mnist_pipeline.errors import DataError
-from mnist_pipeline.idx import parse_idx, read_idx, to_idx_bytes, write_idx
+from mnist_pipeline.core.errors import DataError
+from mnist_pipeline.stages.idx import parse_idx, read_idx, to_idx_bytes, write_idx
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_pipeline.artifacts import MNIST_FILES
-from mnist_pipeline.download import content_sha256
+from mnist_pipeline.stages.artifacts import MNIST_FILES
+from mnist_pipeline.stages.download import content_sha256
 from tests.helpers.config import sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import start_stage
@@ -85,7 +85,7 @@ def test_kill_preprocess_mid_array(workdir, env, tmp_path):
 
 
 def test_kill_train_mid_fit_then_same_result(tiny_cfg, tiny_mirror, workdir, env):
-    from mnist_pipeline import download, preprocess, train
+    from mnist_pipeline.stages import download, preprocess, train
 
     download.download(tiny_cfg)
     preprocess.preprocess(tiny_cfg)

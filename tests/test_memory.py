@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline import memory
+from mnist_pipeline.core import memory
 from tests.helpers.config import sha_overrides
 from tests.helpers.faults import needs_root
 
@@ -132,7 +132,7 @@ def test_an_oom_killed_run_is_marked_likely_out_of_memory(prepared, tiny_mirror,
     stage, marks the run KILLED and says it was likely out of memory. Where the kernel never
     kills at a memory cgroup's limit (seen on some machines of this kind), the test skips
     with that reason."""
-    from mnist_pipeline import download
+    from mnist_pipeline.stages import download
 
     folder = cgroup_v1()
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
 from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_stage
 from tests.helpers.store import seed

@@ -159,19 +159,19 @@ def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
     job had opened its run, and the sweep ends as for any failed job."""
     import mlflow
 
-    from mnist_pipeline import sweep_runs
+    from mnist_pipeline.experiments import sweep_tracking
 
-    parent = sweep_runs.open_parent(tmp_path, "mnist", "x", ["model.units=16,32"], "sweep x")
+    parent = sweep_tracking.open_parent(tmp_path, "mnist", "x", ["model.units=16,32"], "sweep x")
     client = mlflow.MlflowClient()
     opened = client.create_run(
         client.get_experiment_by_name("mnist").experiment_id,
         tags={"mlflow.parentRunId": parent, "sweep_id": "x", "sweep_job": "0"},
     ).info.run_id
     crash = RuntimeError("worker died: SIGKILL")
-    sweep_runs.record_lost_job(tmp_path, 0, ["model.units=16"], crash)
-    sweep_runs.record_lost_job(tmp_path, 1, ["model.units=32"], crash)
+    sweep_tracking.record_lost_job(tmp_path, 0, ["model.units=16"], crash)
+    sweep_tracking.record_lost_job(tmp_path, 1, ["model.units=32"], crash)
 
-    runs = {r.data.tags["sweep_job"]: r for r in sweep_runs.child_runs(parent)}
+    runs = {r.data.tags["sweep_job"]: r for r in sweep_tracking.child_runs(parent)}
     assert set(runs) == {"0", "1"}
     assert runs["0"].info.run_id == opened  # its own run, not a second one
     assert runs["1"].data.params["model.units"] == "32"
@@ -182,7 +182,7 @@ def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
 
 def test_without_the_extra_the_launcher_says_what_to_install(monkeypatch):
     from hydra_plugins.mnist_ray_launcher import require_ray
-    from mnist_pipeline.errors import ConfigError
+    from mnist_pipeline.core.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match="optional `cluster` extra"):

@@ -13,8 +13,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline import download, evaluate, preprocess, tracking, train
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import PipelineError
+from mnist_pipeline.stages import download, evaluate, preprocess, train
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
 from tests.helpers.services import free_port
@@ -168,7 +169,7 @@ def git_workdir(workdir):
 
 @pytest.mark.slow
 def test_reproduce_a_run_bit_for_bit(tiny_cfg, git_workdir, tmp_path):
-    from mnist_pipeline.reproduce import reproduce
+    from mnist_pipeline.experiments.reproduce import reproduce
 
     download.download(tiny_cfg)
     preprocess.preprocess(tiny_cfg)
@@ -186,7 +187,7 @@ def test_reproduce_a_run_bit_for_bit(tiny_cfg, git_workdir, tmp_path):
 
 
 def test_reproduce_refuses_other_code_and_other_data(tiny_cfg, git_workdir, tmp_path):
-    from mnist_pipeline.reproduce import reproduce
+    from mnist_pipeline.experiments.reproduce import reproduce
 
     workdir, env = git_workdir
     download.download(tiny_cfg)

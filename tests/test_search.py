@@ -24,9 +24,9 @@ from hydra_plugins.mnist_optuna_sweeper import (
     search_space,
     trial_overrides,
 )
-from mnist_pipeline import search
-from mnist_pipeline.errors import ConfigError
-from mnist_pipeline.project import CONF_DIR
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.project import CONF_DIR
+from mnist_pipeline.experiments import search
 
 pytestmark = pytest.mark.heavy
 
@@ -194,7 +194,7 @@ def test_sweeper_settings_are_checked():
 
 
 def test_training_reports_the_final_models_validation_accuracy(prepared, tiny_mirror):
-    from mnist_pipeline import evaluate, preprocess, train
+    from mnist_pipeline.stages import evaluate, preprocess, train
     from tests.helpers.config import compose_config, sha_overrides
 
     assert "val_accuracy" not in train.train(prepared)  # no split: nothing to report
@@ -295,7 +295,7 @@ def test_parallel_study_then_resumed_with_more_trials(study, capsys):
     assert again.data.metrics["n_trials_complete"] == 3
 
     # The comparison lists the whole study, best first.
-    from mnist_pipeline import compare
+    from mnist_pipeline.experiments import compare
 
     table = compare.runs_table(compare.select_runs())
     assert len(table) == 3

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_pipeline import images, register, serving, tracking
-from mnist_pipeline.artifacts import MNIST_FILES, RUN_FILE
-from mnist_pipeline.errors import DataError
-from mnist_pipeline.idx import to_idx_bytes, write_idx
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import DataError
+from mnist_pipeline.serving import contract, images, registry
+from mnist_pipeline.stages.artifacts import MNIST_FILES, RUN_FILE
+from mnist_pipeline.stages.idx import to_idx_bytes, write_idx
 from tests.helpers.cli import exit_code
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import run_stage
@@ -48,7 +49,7 @@ def test_contract_refuses_inputs_outside_it(bad, says):
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException) as caught:
-        serving.check_pixels(bad)
+        contract.check_pixels(bad)
     assert says in caught.value.message
     assert caught.value.get_http_status_code() == 400
 
@@ -56,7 +57,7 @@ def test_contract_refuses_inputs_outside_it(bad, says):
 def test_contract_output_names_the_digit():
     p = np.full((2, 10), 0.01)
     p[0, 7], p[1, 3] = 0.91, 0.91
-    out = serving.summarize(p)
+    out = contract.summarize(p)
     assert out["digit"].tolist() == [7, 3]
     assert out["probability"].tolist() == pytest.approx([0.91, 0.91])
     assert len(out["probabilities"][0]) == 10
@@ -125,16 +126,16 @@ def test_colour_and_transparency(tmp_path):
 
 def test_promotion_rule():
     cfg = compose_config(["registry.max_gap=0.02", "registry.min_improvement=0.001"])
-    champion = register.Version("1", "r1", test_accuracy=0.970, accuracy_gap=0.010)
-    better = register.Version("2", "r2", test_accuracy=0.975, accuracy_gap=0.015)
-    assert register.decide(better, champion, cfg) == []
-    assert register.decide(better, None, cfg) == []
-    barely = register.Version("3", "r3", test_accuracy=0.9705, accuracy_gap=0.01)
-    assert "does not beat" in register.decide(barely, champion, cfg)[0]
-    overfit = register.Version("4", "r4", test_accuracy=0.99, accuracy_gap=0.05)
-    assert "exceeds registry.max_gap" in register.decide(overfit, champion, cfg)[0]
-    worse = register.Version("5", "r5", test_accuracy=0.96, accuracy_gap=0.05)
-    assert len(register.decide(worse, champion, cfg)) == 2
+    champion = registry.Version("1", "r1", test_accuracy=0.970, accuracy_gap=0.010)
+    better = registry.Version("2", "r2", test_accuracy=0.975, accuracy_gap=0.015)
+    assert registry.decide(better, champion, cfg) == []
+    assert registry.decide(better, None, cfg) == []
+    barely = registry.Version("3", "r3", test_accuracy=0.9705, accuracy_gap=0.01)
+    assert "does not beat" in registry.decide(barely, champion, cfg)[0]
+    overfit = registry.Version("4", "r4", test_accuracy=0.99, accuracy_gap=0.05)
+    assert "exceeds registry.max_gap" in registry.decide(overfit, champion, cfg)[0]
+    worse = registry.Version("5", "r5", test_accuracy=0.96, accuracy_gap=0.05)
+    assert len(registry.decide(worse, champion, cfg)) == 2
 
 
 # --- end to end on tiny, learnable data -------------------------------------------------
@@ -227,7 +228,7 @@ def trained(tmp_path_factory):
     (working folder, the store's URI, the config, the evaluate stage's metrics)."""
     import mlflow
 
-    from mnist_pipeline import download, evaluate, preprocess, train
+    from mnist_pipeline.stages import download, evaluate, preprocess, train
 
     root = tmp_path_factory.mktemp("serving")
     mirror, work = root / "mirror", root / "work"
@@ -248,7 +249,7 @@ def trained(tmp_path_factory):
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MNIST_MIRROR", str(mirror))
-        mp.setattr("mnist_pipeline.download.DEFAULT_MIRRORS", ())
+        mp.setattr("mnist_pipeline.stages.download.DEFAULT_MIRRORS", ())
         mlflow.set_tracking_uri(uri)
         cfg = compose_config([*sha_overrides(sha), "train.epochs=15", "model.units=64"])
         download.download(cfg)
@@ -276,15 +277,15 @@ def in_project(trained, monkeypatch):
 def test_register_promote_and_refuse(in_project, capsys):
     """register -> candidate; promote with no champion; a worse model is refused, and only
     --force promotes it; registering the same run twice gives the same version."""
-    from mnist_pipeline import train
-    from mnist_pipeline.evaluate import evaluate
+    from mnist_pipeline.stages import train
+    from mnist_pipeline.stages.evaluate import evaluate
 
     work, _, cfg, metrics, _ = in_project
     loose = ["registry.max_gap=1.0"]  # tiny data: the gap is not what this test is about
-    assert register.main(loose) == 0
+    assert registry.main(loose) == 0
     out = capsys.readouterr().out
     assert "registered: run" in out and "version 1 (alias candidate)" in out
-    assert register.main(loose) == 0  # same run again: same version
+    assert registry.main(loose) == 0  # same run again: same version
     assert "version 1 (alias candidate)" in capsys.readouterr().out
 
     client = tracking.client()
@@ -298,7 +299,7 @@ def test_register_promote_and_refuse(in_project, capsys):
     assert mv.tags["git_commit"] == run.data.tags["git.commit"]
     assert run.info.status == "FINISHED"  # logging the serving model did not reopen it
 
-    assert register.main(["--promote", *loose]) == 0
+    assert registry.main(["--promote", *loose]) == 0
     out = capsys.readouterr().out
     assert "promoted: version 1 is champion: no champion yet" in out
     assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
@@ -314,31 +315,31 @@ def test_register_promote_and_refuse(in_project, capsys):
     worse = evaluate(worse_cfg)
     assert worse["test_accuracy"] < metrics["test_accuracy"]
     worse_run = json.loads((work / "models-worse" / RUN_FILE).read_text())["run_id"]
-    assert register.main(["--run-id", worse_run, *loose]) == 0
+    assert registry.main(["--run-id", worse_run, *loose]) == 0
     assert "version 2 (alias candidate)" in capsys.readouterr().out
-    assert register.main(["--promote", *loose]) == 1
+    assert registry.main(["--promote", *loose]) == 1
     out = capsys.readouterr().out
     assert "refused: version 2 stays candidate" in out and "does not beat" in out
     assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
 
-    assert register.main(["--promote", "--force", *loose]) == 0
+    assert registry.main(["--promote", "--force", *loose]) == 0
     assert "promoted (forced): version 2" in capsys.readouterr().out
     assert str(client.get_model_version_by_alias("mnist", "champion").version) == "2"
     assert "forced over" in client.get_model_version("mnist", "2").tags["promoted"]
     # Roll back to version 1: it beats the champion, so the rule allows it.
-    assert register.main(["--promote", "--version", "1", *loose]) == 0
+    assert registry.main(["--promote", "--version", "1", *loose]) == 0
     assert str(client.get_model_version_by_alias("mnist", "champion").version) == "1"
     capsys.readouterr()
 
 
 @pytest.mark.slow
 def test_register_errors(in_project, capsys, tmp_path, monkeypatch):
-    assert exit_code(register.main, ["--run-id", "0" * 32]) == 1
+    assert exit_code(registry.main, ["--run-id", "0" * 32]) == 1
     assert "error: no run" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # no models/run.json here
-    assert exit_code(register.main, []) == 1
+    assert exit_code(registry.main, []) == 1
     assert "run the train stage first" in capsys.readouterr().err
-    assert exit_code(register.main, ["registry.max_gap=-1"]) == 1
+    assert exit_code(registry.main, ["registry.max_gap=-1"]) == 1
     assert "registry.max_gap must be in [0, 1]" in capsys.readouterr().err
 
 
@@ -360,7 +361,7 @@ def write_pngs(folder: Path, arrays: dict, count: int) -> dict[str, int]:
 def test_predict_png_files_gets_the_labels(in_project, tmp_path, capsys):
     """PNG files made from test images: `predict` names their digits as the evaluate stage
     did; a file that is not a picture gets an error line, the others still run, exit 1."""
-    from mnist_pipeline import predict
+    from mnist_pipeline.serving import predict
 
     _, _, _, metrics, arrays = in_project
     expected = write_pngs(tmp_path / "pngs", arrays, 30)
@@ -395,10 +396,10 @@ def test_predict_png_files_gets_the_labels(in_project, tmp_path, capsys):
 def test_serve_says_which_model_is_missing(in_project, capsys, model, says):
     """`make serve` before anything is registered (or with a typo): one line that says how to
     register, before MLflow's server starts."""
-    from mnist_pipeline import serve
+    from mnist_pipeline.serving import server as serve
 
     if "mnist@" in model or "mnist/" in model:
-        assert exit_code(register.main, ["registry.max_gap=1.0"]) == 0  # `mnist` exists
+        assert exit_code(registry.main, ["registry.max_gap=1.0"]) == 0  # `mnist` exists
     capsys.readouterr()
     assert exit_code(serve.main, ["--model", model]) == 1
     err = capsys.readouterr().err
@@ -511,13 +512,13 @@ def test_best_of_sweep_picks_the_best_evaluated_job(sweep_job):
     best = job("s1", 0.97, 0.02)
     job("s1", 0.99, 0.0, status="FAILED")
     job("s2", 0.995, 0.0)
-    assert register.best_sweep_run("s1") == best != tie_bigger_gap
+    assert registry.best_sweep_run("s1") == best != tie_bigger_gap
 
 
 def test_best_of_sweep_without_a_sweep_says_how_to_run_one(tracking_store, capsys):
     """Before any sweep, `register --best-of-sweep` is one line that names the command to
     run (not an option register does not have)."""
-    assert exit_code(register.main, ["--best-of-sweep"]) == 1
+    assert exit_code(registry.main, ["--best-of-sweep"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: no sweep found in the store")
     assert "python -m mnist_pipeline.pipeline -m" in err and "--experiment" not in err
@@ -534,16 +535,16 @@ def test_best_of_a_search_is_judged_on_validation_not_test(sweep_job):
     up = {"optuna_direction": "maximize"}
     job("study", {"objective": 0.96, "test_accuracy": 0.99}, up)
     best = job("study", {"objective": 0.98, "test_accuracy": 0.97}, up)
-    assert register.best_sweep_run("study") == best
+    assert registry.best_sweep_run("study") == best
 
     down = {"optuna_direction": "minimize"}
     job("loss-study", {"objective": 0.30, "test_accuracy": 0.99}, down)
     lowest = job("loss-study", {"objective": 0.10, "test_accuracy": 0.95}, down)
-    assert register.best_sweep_run("loss-study") == lowest
+    assert registry.best_sweep_run("loss-study") == lowest
 
     job("grid", {"val_accuracy": 0.95, "test_accuracy": 0.99})
     best_val = job("grid", {"val_accuracy": 0.97, "test_accuracy": 0.96})
-    assert register.best_sweep_run("grid") == best_val
+    assert registry.best_sweep_run("grid") == best_val
 
     # One job without the metric (a trial told FAIL, a job with no split) does not turn the
     # choice into one made on the test set: it is ranked after the others.
@@ -551,10 +552,10 @@ def test_best_of_a_search_is_judged_on_validation_not_test(sweep_job):
         "mixed-study", {"test_accuracy": 0.999}, {**up, "optuna_study": "s", "optuna_state": "FAIL"}
     )
     judged = job("mixed-study", {"objective": 0.95, "test_accuracy": 0.96}, up)
-    assert register.best_sweep_run("mixed-study") == judged
+    assert registry.best_sweep_run("mixed-study") == judged
     job("mixed-grid", {"test_accuracy": 0.999})
     with_split = job("mixed-grid", {"val_accuracy": 0.95, "test_accuracy": 0.96})
-    assert register.best_sweep_run("mixed-grid") == with_split
+    assert registry.best_sweep_run("mixed-grid") == with_split
 
 
 def test_a_study_registers_the_trial_it_reports_as_best(sweep_job):
@@ -572,15 +573,15 @@ def test_a_study_registers_the_trial_it_reports_as_best(sweep_job):
     reported = trial(gap=0.02)
     smaller_gap = trial(gap=0.01)
     client.set_tag(parent, "best_run_id", reported)
-    assert register.best_sweep_run("tied") == reported != smaller_gap
+    assert registry.best_sweep_run("tied") == reported != smaller_gap
     client.set_tag(parent, "best_run_id", "unknown")  # no report: the smaller gap
-    assert register.best_sweep_run("tied") == smaller_gap
+    assert registry.best_sweep_run("tied") == smaller_gap
 
 
 def test_predict_never_creates_a_store(tmp_path, capsys, monkeypatch):
     """A registry URI against a SQLite store that does not exist (a typo in
     MLFLOW_TRACKING_URI, a fresh clone) is one line, and no empty store appears."""
-    from mnist_pipeline import predict
+    from mnist_pipeline.serving import predict
 
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "nowhere" / "mlflow.db"
@@ -592,7 +593,7 @@ def test_predict_never_creates_a_store(tmp_path, capsys, monkeypatch):
 
 
 def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):
-    from mnist_pipeline import predict
+    from mnist_pipeline.serving import predict
 
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.download import download
-from mnist_pipeline.errors import DataError
+from mnist_pipeline.core.errors import DataError
+from mnist_pipeline.stages.download import download
 from tests.helpers.processes import run_stage
 
 

@@ -7,9 +7,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline import download, evaluate, preprocess, train
-from mnist_pipeline.artifacts import HEADLINE_METRICS, MNIST_FILES, load_model, load_processed
-from mnist_pipeline.errors import DataError, PipelineError
+from mnist_pipeline.core.errors import DataError, PipelineError
+from mnist_pipeline.stages import download, evaluate, preprocess, train
+from mnist_pipeline.stages.artifacts import (
+    HEADLINE_METRICS,
+    MNIST_FILES,
+    load_model,
+    load_processed,
+)
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import TEST_SIZE, TRAIN_SIZE, synthetic_digits
 
@@ -54,7 +59,7 @@ def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
 
 
 def test_preprocess_refuses_mismatched_counts(prepared):
-    from mnist_pipeline.idx import write_idx
+    from mnist_pipeline.stages.idx import write_idx
 
     raw = Path(prepared.paths.raw)
     write_idx(raw / MNIST_FILES["test_labels"], np.zeros(TEST_SIZE - 1, np.uint8))
@@ -201,7 +206,7 @@ def test_early_stopping_ends_training_early(prepared, tiny_mirror):
 def test_evaluate_one_pass_loss_is_keras_evaluate_bit_for_bit(l2, dropout):
     """evaluate takes test_loss from its one predict pass; it must be exactly the number
     model.evaluate gives (the L2 penalty included, a last batch smaller than the others)."""
-    from mnist_pipeline.model import build_model, seed_everything
+    from mnist_pipeline.stages.model import build_model, seed_everything
 
     cfg = compose_config([f"model.l2={l2}", f"model.dropout={dropout}", "model.units=64"])
     seed_everything(0)
@@ -235,7 +240,7 @@ def has_colour(image: np.ndarray, colour: tuple[int, int, int]) -> bool:
 def test_history_plot_shows_accuracy_and_loss_per_epoch(tmp_path, held_out):
     """train_history.png: accuracy and loss side by side, per epoch, training and (with a
     validation split) validation, each curve the history's numbers."""
-    from mnist_pipeline.charts import COLOURS
+    from mnist_pipeline.stages.charts import COLOURS
 
     history = {"accuracy": [0.9, 0.95, 0.97], "loss": [0.3, 0.15, 0.1]}
     if held_out:

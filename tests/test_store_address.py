@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline import store_address, tracking
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.tracking import address
 from tests.helpers.config import sha_overrides
 from tests.helpers.services import free_port, require_extra
 from tests.helpers.workspace import copy_project
@@ -142,4 +143,4 @@ def test_the_default_store_works_under_any_folder_name(tmp_path, tiny_mirror, na
     assert runs == 1
     assert location.startswith((project / "mlartifacts").as_uri())
     assert len(list((project / "mlartifacts").rglob("download.json"))) == 1
-    assert store_address.sqlite_path(store_address.sqlite_uri(database)) == database
+    assert address.sqlite_path(address.sqlite_uri(database)) == database

@@ -17,8 +17,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline import download
-from mnist_pipeline.store_address import sqlite_path
+from mnist_pipeline.stages import download
+from mnist_pipeline.tracking.address import sqlite_path
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.faults import digests, fill, one_error_line, tmpfs

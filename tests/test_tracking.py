@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline import tracking
-from mnist_pipeline.errors import ConfigError
-from mnist_pipeline.project import PROJECT_ROOT, project_root
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.project import PROJECT_ROOT, project_root
 
 
 def test_default_store_is_absolute_and_in_the_project(monkeypatch):

@@ -16,8 +16,9 @@ import psutil
 import pytest
 from mlflow import set_tracking_uri
 
-from mnist_pipeline import register, tracking_server
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.project import PROJECT_ROOT
+from mnist_pipeline.serving import registry
+from mnist_pipeline.tracking import server as tracking_server
 from tests.helpers.cli import exit_code
 from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_pipeline
@@ -146,7 +147,7 @@ def test_pipeline_and_sweep_land_on_the_server(server, tiny_mirror, tmp_path, mo
         scope.setenv("MLFLOW_TRACKING_URI", mlflow.url)
         try:
             for args in (["--best-of-sweep"], ["--promote", "registry.max_gap=1"]):
-                assert exit_code(register.main, args) == 0, capsys.readouterr()
+                assert exit_code(registry.main, args) == 0, capsys.readouterr()
         finally:
             set_tracking_uri(None)  # the commands set it for the process
     registered = api(mlflow.url, "mlflow/registered-models/get?name=mnist")["registered_model"]

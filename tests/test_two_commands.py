@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import yaml
 
-from mnist_pipeline.store_address import sqlite_path
+from mnist_pipeline.tracking.address import sqlite_path
 from tests.helpers.config import edit_yaml
 from tests.helpers.store import seed
 from tests.helpers.workspace import git_commit, tiny_dvc_project

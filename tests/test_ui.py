@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline import run_names, ui
-from mnist_pipeline.params import compose_params
+from mnist_pipeline.core.params import compose_params
+from mnist_pipeline.experiments import ui
+from mnist_pipeline.tracking import names
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
 from tests.helpers.services import free_port, require_full_mlflow
@@ -65,37 +66,37 @@ def test_a_dvc_run_is_named_by_its_dvc_process(tmp_path, monkeypatch):
         },
     )
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    name = run_names.pipeline_run_name(proc=proc)
+    name = names.pipeline_run_name(proc=proc)
     assert name == "repro 11-30 04:12:33"
     # Two repros started at different times are told apart; a DVC experiment has its name.
     proc = fake_proc(
         tmp_path / "proc2",
         {own: (400, 1, ["python"]), 400: (1, 5 * 3600 * tick, ["dvc", "-q", "repro", "-f"])},
     )
-    assert run_names.pipeline_run_name(proc=proc) == "repro 11-30 05:00:00"
-    assert run_names.pipeline_run_name({"DVC_EXP_NAME": "tiny-exp"}, proc=proc) == "tiny-exp"
-    assert run_names.run_name("train", "tiny-exp") == "tiny-exp"
-    assert run_names.run_name("download", "tiny-exp") == "tiny-exp (download)"
+    assert names.pipeline_run_name(proc=proc) == "repro 11-30 05:00:00"
+    assert names.pipeline_run_name({"DVC_EXP_NAME": "tiny-exp"}, proc=proc) == "tiny-exp"
+    assert names.run_name("train", "tiny-exp") == "tiny-exp"
+    assert names.run_name("download", "tiny-exp") == "tiny-exp (download)"
 
 
 def test_without_dvc_a_run_is_named_by_its_start(tmp_path):
     tick = os.sysconf("SC_CLK_TCK")
     proc = fake_proc(tmp_path / "proc", {os.getpid(): (1, 7200 * tick, ["python", "x.py"])})
-    assert run_names.pipeline_run_name({}, proc=proc) == "run 11-30 02:00:00"
+    assert names.pipeline_run_name({}, proc=proc) == "run 11-30 02:00:00"
     # No /proc at all (macOS): still a name, from the clock.
-    assert run_names.pipeline_run_name({}, proc=tmp_path / "none").startswith("run ")
+    assert names.pipeline_run_name({}, proc=tmp_path / "none").startswith("run ")
 
 
 def test_sweep_jobs_are_named_by_their_own_overrides():
     sweep = ["model.units=128,512", "train.epochs=5,20", "seed=1", "hydra/launcher=joblib"]
     job = ["model.units=128", "train.epochs=20", "seed=1", "hydra/launcher=joblib"]
-    assert run_names.job_name(job, sweep, 3) == "units=128 epochs=20"
+    assert names.job_name(job, sweep, 3) == "units=128 epochs=20"
     # Shortened keys that would collide stay whole; a job with nothing of its own is numbered.
     job = ["optimizer=sgd", "optimizer.learning_rate=0.1"]
-    assert run_names.job_name(job, [], 0) == "optimizer=sgd learning_rate=0.1"
+    assert names.job_name(job, [], 0) == "optimizer=sgd learning_rate=0.1"
     job = ["a.x=1", "b.x=2"]
-    assert run_names.job_name(job, ["a.x=1,3", "b.x=2,4"], 1) == "a.x=1 b.x=2"
-    assert run_names.job_name(["seed=1"], ["seed=1"], 4) == "job4"
+    assert names.job_name(job, ["a.x=1,3", "b.x=2,4"], 1) == "a.x=1 b.x=2"
+    assert names.job_name(["seed=1"], ["seed=1"], 4) == "job4"
 
 
 def test_the_view_names_columns_as_the_mlflow_ui_does():

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_pipeline.download import Mirror
-from mnist_pipeline.project import CONF_DIR, PROJECT_ROOT
+from mnist_pipeline.core.project import CONF_DIR, PROJECT_ROOT
+from mnist_pipeline.stages.download import Mirror
 from tests.helpers.cli import run_module
 from tests.helpers.config import edit_yaml
 from tests.helpers.workspace import git_commit
@@ -56,7 +56,7 @@ def test_committed_params_yaml_is_composed_conf(tmp_path):
     one) is what conf/ composes to. Fix a failure with `make params` and commit."""
     from dvc.utils.hydra import compose_and_dump
 
-    from mnist_pipeline.params import compose_params
+    from mnist_pipeline.core.params import compose_params
 
     committed = subprocess.run(
         ["git", "show", "HEAD:params.yaml"], cwd=PROJECT_ROOT, capture_output=True, text=True
@@ -75,8 +75,8 @@ def test_committed_params_yaml_is_composed_conf(tmp_path):
 
 
 def test_dirty_check_ignores_what_dvc_manages(tmp_path, monkeypatch):
-    from mnist_pipeline import provenance
-    from mnist_pipeline.dvcfiles import managed_paths
+    from mnist_pipeline.tracking import provenance
+    from mnist_pipeline.tracking.dvcfiles import managed_paths
 
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(PROJECT_ROOT / name, tmp_path / name)
@@ -104,7 +104,7 @@ def test_dirty_check_ignores_what_dvc_manages(tmp_path, monkeypatch):
 def test_training_records_the_hash_of_the_data_it_used(prepared):
     import mlflow
 
-    from mnist_pipeline import artifacts, train
+    from mnist_pipeline.stages import artifacts, train
 
     processed = Path(prepared.paths.processed)
     recorded = json.loads((processed / "manifest.json").read_text())["content_sha256"]
@@ -122,8 +122,8 @@ def test_noise_filter_keeps_real_errors(tmp_path):
     """TensorFlow's CPU-only start-up noise goes; any other line on fd 2 stays."""
     script = (
         "import os\n"
-        "from mnist_pipeline import quiet\n"
-        "quiet.filter_native_stderr()\n"
+        "from mnist_pipeline.core import log_filter\n"
+        "log_filter.filter_native_stderr()\n"
         "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\\n')\n"
         "os.write(2, b'E0000 node_def_util.cc:682] NodeDef mentions attribute use_unbounded"
         "_threadpool which is not in the op definition: Op<...>\\n')\n"
@@ -137,7 +137,7 @@ def test_noise_filter_keeps_real_errors(tmp_path):
     assert "a real TensorFlow error" in result.stderr
     assert "error: the last word" in result.stderr
     assert "NodeDef" not in result.stderr
-    from mnist_pipeline.quiet import has_nvidia_driver, noise_patterns
+    from mnist_pipeline.core.log_filter import has_nvidia_driver, noise_patterns
 
     assert ("cuInit" in result.stderr) == has_nvidia_driver()
     # Where a GPU driver exists, a failing cuInit is a real problem and is shown.

@@ -42,8 +42,9 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_pipeline.errors import ConfigError, exit_on_error
-from mnist_pipeline.sweep_runs import abort_sweep
+# Hydra imports every plugin of every search path for any command that composes conf/, DVC's
+# `dvc exp run -S` included: only the light error module here, the sweep's code when it runs.
+from mnist_pipeline.core.errors import ConfigError, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,15 @@ class OptunaSweeper(Sweeper):
             try:
                 return self._sweep(arguments)
             except BaseException as exc:
+                from mnist_pipeline.experiments.sweep_tracking import abort_sweep
+
                 abort_sweep(sweep_dir, exc)
                 raise
 
     def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from mnist_pipeline import search
+        from mnist_pipeline.experiments import search
 
         assert self.config is not None
         started = time.perf_counter()
@@ -225,7 +228,7 @@ class OptunaSweeper(Sweeper):
         launched (an invalid override, Ctrl-C) are told FAIL, never left RUNNING."""
         import optuna
 
-        from mnist_pipeline import search
+        from mnist_pipeline.experiments import search
 
         FAIL = optuna.trial.TrialState.FAIL
         pending = {t.number: t for t in trials}
@@ -258,7 +261,7 @@ class OptunaSweeper(Sweeper):
 
 def outcome(ret: JobReturn, objective: Any) -> tuple[dict, float | None, Exception | None]:
     """A job's metrics, its objective value (None: the trial failed) and why it failed."""
-    from mnist_pipeline.search import MissingMetric
+    from mnist_pipeline.experiments.search import MissingMetric
 
     if ret.status != JobStatus.COMPLETED:
         error = ret._return_value

@@ -39,9 +39,9 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from mnist_pipeline.errors import ConfigError, exit_on_error
-from mnist_pipeline.sweep_runs import abort_sweep, record_lost_job
-from mnist_pipeline.tracking import tracking_uri
+# Hydra imports every plugin for any command that composes conf/ (`dvc exp run -S` too): only
+# the light error module here, the tracking and sweep code when a sweep launches.
+from mnist_pipeline.core.errors import ConfigError, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class RayClusterLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from mnist_pipeline.experiments.sweep_tracking import abort_sweep
+        from mnist_pipeline.tracking import tracking_uri
+
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -139,6 +142,8 @@ def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobRetu
     project folder) is recorded as a FAILED run and the sweep goes on, as for any failed job,
     instead of the first such error ending the sweep and losing the others' results."""
     import ray
+
+    from mnist_pipeline.experiments.sweep_tracking import record_lost_job
 
     try:
         return ray.get(ref)

@@ -9,4 +9,4 @@ unknown key or a value out of range is refused at composition, before DVC writes
 ``params.yaml`` or removes any output.
 """
 
-import mnist_pipeline.config  # noqa: F401  (registers the schema and its checking resolver)
+import mnist_pipeline.core.config  # noqa: F401  (registers the schema and its checking resolver)

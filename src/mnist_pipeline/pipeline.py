@@ -17,18 +17,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mnist_pipeline import quiet
-from mnist_pipeline.cli import run_stage
-from mnist_pipeline.project import CONF_DIR
-from mnist_pipeline.runner import run_pipeline
-from mnist_pipeline.sweep import run_job
+from mnist_pipeline.core import log_filter
+from mnist_pipeline.core.project import CONF_DIR
+from mnist_pipeline.experiments.sweep import run_job
+from mnist_pipeline.stages.cli import run_stage
+from mnist_pipeline.stages.runner import run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
 def main(raw: DictConfig) -> dict | None:
     # A sweep's jobs (each launcher's worker too) are as quiet as the stages: no CUDA probe or
     # NodeDef lines from TensorFlow on a CPU machine (a single run gets this from run_stage).
-    quiet.filter_native_stderr()
+    log_filter.filter_native_stderr()
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return run_job(raw)

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from hydra import compose, initialize_config_dir
 
-from mnist_pipeline.config import PipelineConfig, load_config
-from mnist_pipeline.project import CONF_DIR
+from mnist_pipeline.core.config import PipelineConfig, load_config
+from mnist_pipeline.core.project import CONF_DIR
 
 
 def sha_overrides(sha: dict[str, str]) -> list[str]:

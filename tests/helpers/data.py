@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.artifacts import MNIST_FILES
-from mnist_pipeline.idx import to_idx_bytes, write_idx
+from mnist_pipeline.stages.artifacts import MNIST_FILES
+from mnist_pipeline.stages.idx import to_idx_bytes, write_idx
 
 TRAIN_SIZE, TEST_SIZE = 240, 80
 

@@ -23,9 +23,9 @@ from typing import NoReturn
 
 import pytest
 
-from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.project import full_mlflow
-from mnist_pipeline.tracking_server import server_command
+from mnist_pipeline.core.errors import PipelineError
+from mnist_pipeline.core.project import full_mlflow
+from mnist_pipeline.tracking.server import server_command
 
 
 def require_extra(module: str, extra: str) -> ModuleType:

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mnist_pipeline.params import compose_params
-from mnist_pipeline.project import PROJECT_ROOT
+from mnist_pipeline.core.params import compose_params
+from mnist_pipeline.core.project import PROJECT_ROOT
 from tests.helpers.config import edit_yaml
 
 #: A git identity for the commits tests make (and `dvc exp run` makes): a CI machine may

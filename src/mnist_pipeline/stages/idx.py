@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.errors import DataError
+from mnist_pipeline.core.errors import DataError
 
 #: IDX dtype codes and the NumPy dtypes they stand for (multi-byte types are big-endian).
 DTYPES: dict[int, np.dtype] = {

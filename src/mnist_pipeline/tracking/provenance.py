@@ -14,9 +14,9 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mnist_pipeline import memory
-from mnist_pipeline.dvcfiles import dirty_check_args
-from mnist_pipeline.project import project_root
+from mnist_pipeline.core import memory
+from mnist_pipeline.core.project import project_root
+from mnist_pipeline.tracking.dvcfiles import dirty_check_args
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_pipeline.files import atomic_path
+from mnist_pipeline.core.atomic import atomic_path
 
 Colour = tuple[int, int, int]
 Point = tuple[float, float]

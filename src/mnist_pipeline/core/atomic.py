@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.errors import DataError, PipelineError
+from mnist_pipeline.core.errors import DataError, PipelineError
 
 
 def _umask() -> int:

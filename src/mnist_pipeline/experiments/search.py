@@ -20,9 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import charts, store_address, sweep_runs, tracking
-from mnist_pipeline.errors import ConfigError
-from mnist_pipeline.project import project_root
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.project import project_root
+from mnist_pipeline.experiments import sweep_tracking
+from mnist_pipeline.stages import charts
+from mnist_pipeline.tracking import address
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +137,9 @@ def storage_url(storage: str | None) -> str:
     server) one in the project folder."""
     url = storage or os.environ.get(STORAGE_ENV)
     if not url:
-        database = store_address.sqlite_path(tracking.tracking_uri())
+        database = address.sqlite_path(tracking.tracking_uri())
         folder = project_root() if database is None else database.parent
-        url = store_address.sqlite_uri(folder / STORAGE_FILE)
+        url = address.sqlite_uri(folder / STORAGE_FILE)
     url = str(url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         raise ConfigError(
@@ -183,12 +186,12 @@ def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     """Tie the study to one MLflow parent run: a new study keeps this sweep's parent; a
     resumed one takes back the parent of its first call (if it is still in the store), so
     all its trials are children of one run."""
-    info = sweep_runs.read_sweep(sweep_dir)
+    info = sweep_tracking.read_sweep(sweep_dir)
     # Runs a crashed earlier call left RUNNING (its parent, its last trial) end KILLED first.
     tracking.close_dead_runs(tracking.ensure_experiment(info["experiment"]))
     previous = study.user_attrs.get(PARENT_ATTR)
     if previous and previous != info["parent_run_id"]:
-        resumed = sweep_runs.resume_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
+        resumed = sweep_tracking.resume_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
         if resumed is not None:
             log.info("study %s resumed: MLflow parent run %s", study.study_name, previous)
             return mark_study(sweep_dir, resumed, study.study_name)
@@ -199,10 +202,10 @@ def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
 
 
 def mark_study(sweep_dir: str | Path, info: dict[str, str], study_name: str) -> dict[str, str]:
-    """Record in the sweep's file that it runs a study (``sweep_runs.sweep_failed`` then lets
+    """Record in the sweep's file that it runs a study (``sweep_tracking.sweep_failed`` then lets
     some trials fail without failing the whole sweep)."""
     info = {**info, "study": study_name}
-    sweep_runs.write_sweep(sweep_dir, info)
+    sweep_tracking.write_sweep(sweep_dir, info)
     return info
 
 
@@ -213,7 +216,7 @@ def record_trial(trial: Any, parent_run_id: str, value: float | None, metrics: d
     for key in ("val_accuracy", "test_accuracy", "accuracy_gap", "train_accuracy"):
         if isinstance(metrics.get(key), int | float):
             trial.set_user_attr(key, float(metrics[key]))
-    run = sweep_runs.job_run(parent_run_id, trial.number)
+    run = sweep_tracking.job_run(parent_run_id, trial.number)
     if run is None:
         return
     trial.set_user_attr("mlflow_run_id", run.info.run_id)

@@ -1,5 +1,6 @@
-"""Memory: refuse a network that cannot fit before allocating it, and tell a run the kernel's
-out-of-memory killer ended from one that was simply killed.
+"""Memory: how much any limit on this process leaves free (``stages.model.check_memory``
+refuses a network that cannot fit), and a run the kernel's out-of-memory killer ended told
+from one that was simply killed.
 
 The limits read here are the ones that kill: the machine's available memory, the memory
 cgroup the process runs in (v1 or v2: a container's or a job's limit) and ``ulimit -v``.
@@ -11,38 +12,7 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-from mnist_pipeline.artifacts import INPUT_DIM, NUM_CLASSES
-from mnist_pipeline.config import PipelineConfig
-from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.faults import MEMORY_HINT
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-FLOAT_BYTES = 4
-#: The optimizer's own copies of every parameter (at least: momentum adds one more to SGD
-#: and RMSprop), besides the weights and their gradients.
-OPTIMIZER_SLOTS = {"sgd": 0, "rmsprop": 1, "adam": 2}
-
-
-def parameter_count(units: int, layers: int) -> int:
-    """The network's weights and biases (``model.build_model``'s layers)."""
-    dense = INPUT_DIM * units + units + (layers - 1) * (units * units + units)
-    return dense + units * NUM_CLASSES + NUM_CLASSES
-
-
-def training_bytes(cfg: PipelineConfig, n_train: int) -> tuple[int, str]:
-    """A lower bound on what training this network allocates, and how it was counted."""
-    params = parameter_count(cfg.model.units, cfg.model.layers)
-    copies = 2 + OPTIMIZER_SLOTS.get(cfg.optimizer.name, 0)
-    batch = min(cfg.train.batch_size, max(n_train, 1))
-    # forward activations and their gradients, per image in a batch
-    activations = 2 * batch * (INPUT_DIM + cfg.model.layers * cfg.model.units + NUM_CLASSES)
-    data = n_train * (INPUT_DIM + NUM_CLASSES)  # the training set as float tensors
-    total = FLOAT_BYTES * (params * copies + activations + data)
-    how = (
-        f"{params:,} parameters x {copies} copies (weights, gradients, optimizer state) "
-        f"x 4 bytes, plus a {batch}-image batch and the data"
-    )
-    return total, how
 
 
 def available_bytes() -> tuple[int, str] | None:
@@ -65,17 +35,6 @@ def available_bytes() -> tuple[int, str] | None:
     if soft != resource.RLIM_INFINITY:
         found.append((soft - _vm_size(), "left under ulimit -v"))
     return min(found) if found else None
-
-
-def check_fits(cfg: PipelineConfig, n_train: int) -> None:
-    """Refuse, before anything is allocated, a network that cannot fit in memory."""
-    need, how = training_bytes(cfg, n_train)
-    available = available_bytes()
-    if available is not None and need > available[0]:
-        raise PipelineError(
-            f"out of memory before starting: training needs at least {_gib(need)} ({how}) "
-            f"but {_gib(max(available[0], 0))} is {available[1]}; {MEMORY_HINT}"
-        )
 
 
 def memory_cgroup(pid: str = "self") -> Path | None:
@@ -143,5 +102,5 @@ def _vm_size() -> int:
     return 0
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.core.errors import ConfigError
 
 #: What the project supports; everything else MLflow knows (mysql, mssql, databricks, file
 #: stores, in-memory SQLite) is refused with the reason.

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from mnist_pipeline import faults
+from mnist_pipeline.core import diagnosis
 
 #: Set to 1 to see the traceback of an expected failure (for reporting a bug).
 DEBUG_ENV = "MNIST_PIPELINE_DEBUG"
@@ -55,7 +55,7 @@ def _message(
 ) -> str | None:
     if isinstance(exc, expected) and isinstance(exc, PipelineError):
         return str(exc)
-    fault = faults.describe(exc, store() if store else "the MLflow store")
+    fault = diagnosis.describe(exc, store() if store else "the MLflow store")
     if fault is None and isinstance(exc, expected):
         return str(exc)
     return fault

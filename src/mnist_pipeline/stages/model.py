@@ -7,8 +7,8 @@ import logging
 import keras
 import tensorflow as tf
 
-from mnist_pipeline.artifacts import INPUT_DIM, NUM_CLASSES
-from mnist_pipeline.config import OPTIMIZERS, ModelConfig, OptimizerConfig
+from mnist_pipeline.core.config import OPTIMIZERS, ModelConfig, OptimizerConfig
+from mnist_pipeline.stages.artifacts import INPUT_DIM, NUM_CLASSES
 
 
 def build_model(

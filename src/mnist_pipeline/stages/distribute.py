@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import keras
@@ -130,10 +130,8 @@ def _multi_worker() -> Distribution:
     )
 
 
-#: ``train.strategy``, the one registry the schema checks against: one process as always;
-#: every local device (MirroredStrategy); several processes or machines described by
-#: TF_CONFIG (MultiWorkerMirroredStrategy).
-STRATEGIES: dict[str, Callable[[], Distribution]] = {
+#: The set-up of each strategy the schema accepts (``config.STRATEGIES``, by name).
+SETUPS: dict[str, Callable[[], Distribution]] = {
     "single": _single,
     "mirrored": _mirrored,
     "multi_worker": _multi_worker,
@@ -146,7 +144,7 @@ def setup(name: str) -> Distribution:
     Call it before any other TensorFlow op: MultiWorkerMirroredStrategy configures collective
     ops, which TensorFlow refuses once its runtime has started.
     """
-    return STRATEGIES[name]()
+    return SETUPS[name]()
 
 
 def batches(

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import run_names, tracking
-from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.provenance import provenance_tags
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import PipelineError
+from mnist_pipeline.tracking import names
+from mnist_pipeline.tracking.provenance import provenance_tags
 
 SWEEP_FILE = "mlflow_sweep.json"
 #: On a parent run that a resumed study reopened: when (ms), so "the latest sweep" is it.
@@ -30,7 +31,7 @@ def open_parent(
     id."""
     run = tracking.client().create_run(
         tracking.ensure_experiment(experiment),
-        run_name=name[: run_names.MAX_LENGTH],
+        run_name=name[: names.MAX_LENGTH],
         # Not tagged sweep_id: filtering on that tag returns exactly the sweep's jobs.
         tags={
             "sweep_parent": sweep_id,
@@ -91,8 +92,8 @@ def sweep_failed(info: dict[str, Any], n_jobs: int, n_failed: int) -> bool:
 
 def job_context(info: dict[str, Any], job_num: int, overrides: list[str]) -> tracking.JobContext:
     """What makes a job's training run a child of the sweep: the parent, the tags, and its
-    name: the overrides of its own (``run_names.job_name``)."""
-    name = run_names.job_name(overrides, info.get("overrides", []), job_num)
+    name: the overrides of its own (``names.job_name``)."""
+    name = names.job_name(overrides, info.get("overrides", []), job_num)
     tags = {
         "sweep_id": info["sweep_id"],
         "sweep_job": str(job_num),

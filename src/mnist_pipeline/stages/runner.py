@@ -15,13 +15,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mnist_pipeline.artifacts import inputs_key, manifest_key
-from mnist_pipeline.config import PathsConfig, PipelineConfig
-from mnist_pipeline.download import download
-from mnist_pipeline.evaluate import evaluate
-from mnist_pipeline.preprocess import preprocess
+from mnist_pipeline.core.config import PathsConfig, PipelineConfig
+from mnist_pipeline.stages.artifacts import inputs_key, manifest_key
+from mnist_pipeline.stages.download import download
+from mnist_pipeline.stages.evaluate import evaluate
+from mnist_pipeline.stages.preprocess import preprocess
+from mnist_pipeline.stages.train import train
 from mnist_pipeline.tracking import JobContext
-from mnist_pipeline.train import train
 
 
 def with_paths(cfg: PipelineConfig, **paths: str) -> PipelineConfig:

@@ -24,10 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_pipeline import compare, sweep_runs, tracking, ui
-from mnist_pipeline.config import load_config
-from mnist_pipeline.errors import PipelineError, exit_on_error
-from mnist_pipeline.runner import ensure_processed, run_pipeline
+from mnist_pipeline import tracking
+from mnist_pipeline.core.config import load_config
+from mnist_pipeline.core.errors import PipelineError, exit_on_error
+from mnist_pipeline.experiments import compare, sweep_tracking, ui
+from mnist_pipeline.stages.runner import ensure_processed, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,14 @@ class SweepCallback(Callback):
         # Named by when it started and what it sweeps (the overrides with a list or range).
         swept = " ".join(o for o in overrides if any(c in o for c in ",()"))
         name = f"sweep {started:%m-%d %H:%M:%S}" + (f": {swept}" if swept else "")
-        parent = sweep_runs.open_parent(sweep_dir, experiment, sweep_id, overrides, name)
+        parent = sweep_tracking.open_parent(sweep_dir, experiment, sweep_id, overrides, name)
         log.info("sweep %s: MLflow parent run %s", sweep_id, parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        info = sweep_runs.read_sweep(config.hydra.sweep.dir)
-        children = sweep_runs.child_runs(info["parent_run_id"])
+        info = sweep_tracking.read_sweep(config.hydra.sweep.dir)
+        children = sweep_tracking.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
-        fatal = sweep_runs.sweep_failed(info, len(children), len(failed))
+        fatal = sweep_tracking.sweep_failed(info, len(children), len(failed))
         with tempfile.TemporaryDirectory() as tmp:
             outputs: list[Path] = []
             try:
@@ -74,17 +75,17 @@ class SweepCallback(Callback):
             except PipelineError as exc:  # no finished job: nothing to compare
                 log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
             finally:
-                sweep_runs.close_parent(info["parent_run_id"], fatal, outputs)
+                sweep_tracking.close_parent(info["parent_run_id"], fatal, outputs)
         ui.try_refresh_view(info["experiment"])  # the params this sweep varied become columns
         log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
         if fatal:
             with exit_on_error():
                 raise PipelineError(
                     f"{len(failed)} of {len(children)} sweep jobs failed:\n"
-                    + "\n".join(f"  {sweep_runs.describe_failure(r)}" for r in failed)
+                    + "\n".join(f"  {sweep_tracking.describe_failure(r)}" for r in failed)
                 )
         for run in failed:  # a search's failed trials: reported, not fatal
-            print(f"warning: {sweep_runs.describe_failure(run)}", file=sys.stderr)
+            print(f"warning: {sweep_tracking.describe_failure(run)}", file=sys.stderr)
 
 
 def job_threads(launcher: DictConfig) -> int | None:
@@ -118,9 +119,9 @@ def limit_threads(threads: int | None) -> None:
 def run_job(raw: DictConfig) -> dict | None:
     """One sweep job: a complete training and evaluation, tracked as a child run."""
     hydra_cfg = HydraConfig.get()
-    info = sweep_runs.read_sweep(hydra_cfg.sweep.dir)
+    info = sweep_tracking.read_sweep(hydra_cfg.sweep.dir)
     overrides = list(hydra_cfg.overrides.task)
-    job = sweep_runs.job_context(info, hydra_cfg.job.num, overrides)
+    job = sweep_tracking.job_context(info, hydra_cfg.job.num, overrides)
     limit_threads(job_threads(hydra_cfg.launcher))
     try:
         cfg = load_config(raw)
@@ -129,5 +130,7 @@ def run_job(raw: DictConfig) -> dict | None:
         # Expected failures get one line; a bug keeps its traceback in the job's log.
         report = log.error if isinstance(exc, PipelineError) else log.exception
         report("job %s (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), exc)
-        sweep_runs.fail_job(info["experiment"], exc, sweep_runs.override_params(overrides), job)
+        sweep_tracking.fail_job(
+            info["experiment"], exc, sweep_tracking.override_params(overrides), job
+        )
         return None

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.core.errors import PipelineError
 
-#: The repository root (src layout: src/mnist_pipeline/project.py -> root).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: The repository root (src layout: src/mnist_pipeline/core/project.py -> root).
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = str(PROJECT_ROOT / "conf")
 DVC_FILE = PROJECT_ROOT / "dvc.yaml"
 

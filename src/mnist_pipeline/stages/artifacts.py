@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mnist_pipeline import files
-from mnist_pipeline.config import PipelineConfig, flatten, select
-from mnist_pipeline.errors import DataError, PipelineError
-from mnist_pipeline.project import stage_params
+from mnist_pipeline.core import atomic
+from mnist_pipeline.core.config import PipelineConfig, flatten, select
+from mnist_pipeline.core.errors import DataError, PipelineError
+from mnist_pipeline.core.project import stage_params
 
 if TYPE_CHECKING:
     import keras
@@ -81,7 +81,7 @@ def inputs_key(cfg: PipelineConfig) -> str:
 
 
 def write_processed(
-    folder: Path, arrays: dict[str, np.ndarray], key: str, outputs: files.Staged
+    folder: Path, arrays: dict[str, np.ndarray], key: str, outputs: atomic.Staged
 ) -> str:
     """Stage the arrays (``x_<split>.npy``, ``y_<split>.npy``) and their manifest; return
     the content hash.
@@ -92,7 +92,7 @@ def write_processed(
     for name, array in arrays.items():
         with open(outputs.path(folder / f"{name}.npy"), "wb") as f:
             np.save(f, array, allow_pickle=False)
-    files.write_json(
+    atomic.write_json(
         outputs.path(folder / MANIFEST_FILE, seal=True),
         {
             "content_sha256": digest,
@@ -108,7 +108,7 @@ def load_processed(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one split (memory-mapped), with a clear error if it is missing or damaged."""
     folder = Path(folder)
-    paths = [files.require(folder / f"{v}_{split_name}.npy", "preprocess") for v in "xy"]
+    paths = [atomic.require(folder / f"{v}_{split_name}.npy", "preprocess") for v in "xy"]
     try:
         x, y = (np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in paths)
     except ValueError as exc:
@@ -120,7 +120,7 @@ def load_processed(
 
 def data_hash(folder: str | Path) -> str:
     """The processed data's content hash, as its manifest records it."""
-    return files.read_json(Path(folder) / MANIFEST_FILE, "preprocess")["content_sha256"]
+    return atomic.read_json(Path(folder) / MANIFEST_FILE, "preprocess")["content_sha256"]
 
 
 def recompute_hash(
@@ -149,7 +149,7 @@ def manifest_key(folder: Path) -> str | None:
 # --- the model and its run reference ----------------------------------------------------
 
 
-def save_model(model: keras.Model, folder: Path, outputs: files.Staged) -> None:
+def save_model(model: keras.Model, folder: Path, outputs: atomic.Staged) -> None:
     model.save(outputs.path(folder / MODEL_FILE))
 
 
@@ -168,10 +168,10 @@ def load_model(folder: str | Path) -> keras.Model:
 
 def load_model_file(path: str | Path) -> keras.Model:
     """Load any ``.keras`` file the way ``load_model`` does (``predict --model FILE``), and
-    refuse, in one line, one this pipeline cannot use (``check_fits``)."""
+    refuse, in one line, one this pipeline cannot use (``check_shape``)."""
     import keras
 
-    path = files.require(Path(path), "train")
+    path = atomic.require(Path(path), "train")
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged or foreign file
@@ -179,11 +179,11 @@ def load_model_file(path: str | Path) -> keras.Model:
         raise PipelineError(
             f"{path} is not a loadable Keras model ({reason}); re-run the train stage"
         ) from None
-    check_fits(model, path)
+    check_shape(model, path)
     return model
 
 
-def check_fits(model: keras.Model, path: str | Path) -> None:
+def check_shape(model: keras.Model, path: str | Path) -> None:
     """The pipeline feeds one (batch, 784) input of flattened images and reads ten class
     probabilities; another network (other shapes, several inputs) would fail deep in Keras."""
 
@@ -204,13 +204,13 @@ def check_fits(model: keras.Model, path: str | Path) -> None:
         )
 
 
-def write_run_ref(folder: Path, ref: dict[str, Any], outputs: files.Staged) -> None:
+def write_run_ref(folder: Path, ref: dict[str, Any], outputs: atomic.Staged) -> None:
     """``run.json``: the MLflow run (and logged model) the saved model belongs to."""
-    files.write_json(outputs.path(folder / RUN_FILE), ref)
+    atomic.write_json(outputs.path(folder / RUN_FILE), ref)
 
 
 def read_run_ref(folder: str | Path) -> dict[str, Any]:
-    return files.read_json(Path(folder) / RUN_FILE, "train")
+    return atomic.read_json(Path(folder) / RUN_FILE, "train")
 
 
 def clear_run_ref(folder: Path) -> None:
@@ -222,7 +222,7 @@ def clear_run_ref(folder: Path) -> None:
 # --- the training history ---------------------------------------------------------------
 
 
-def write_history(folder: Path, history: dict[str, list[float]], outputs: files.Staged) -> None:
+def write_history(folder: Path, history: dict[str, list[float]], outputs: atomic.Staged) -> None:
     """Per-epoch curves as CSV, the format DVC plots read."""
     keys = sorted(history)
     with open(outputs.path(folder / HISTORY_FILE), "w", newline="") as f:

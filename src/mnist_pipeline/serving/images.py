@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_pipeline.errors import DataError
+from mnist_pipeline.core.errors import DataError
 
 SIDE, BOX = 28, 20
 #: Grey levels (0-1, after contrast stretching) below this count as background: paper

@@ -9,9 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mnist_pipeline import quiet, tracking
-from mnist_pipeline.config import PipelineConfig, load_config
-from mnist_pipeline.errors import exit_on_error
+from mnist_pipeline import tracking
+from mnist_pipeline.core import log_filter
+from mnist_pipeline.core.config import PipelineConfig, load_config
+from mnist_pipeline.core.errors import exit_on_error
 
 
 def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
@@ -22,7 +23,7 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     here, before any work starts. TensorFlow's native start-up noise is filtered from stderr
     (``quiet``).
     """
-    quiet.filter_native_stderr()
+    log_filter.filter_native_stderr()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     with exit_on_error(store=tracking.store_label):
@@ -39,7 +40,7 @@ def _terminate(signum: int, frame: Any) -> None:
     every file is written atomically; the run left RUNNING is marked KILLED by the next run
     on this machine (tracking.close_dead_runs)."""
     os.write(
-        quiet.stderr_fd(),
+        log_filter.stderr_fd(),
         f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode(),
     )
     os._exit(128 + signum)

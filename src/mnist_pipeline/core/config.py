@@ -21,8 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from mnist_pipeline.distribute import STRATEGIES
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.core.errors import ConfigError
 
 
 class Optimizer(NamedTuple):
@@ -41,6 +40,10 @@ OPTIMIZERS = {
     "sgd": Optimizer("SGD", ("momentum",)),
 }
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu")
+#: ``train.strategy``: one process as always; every local device (MirroredStrategy); several
+#: processes or machines described by TF_CONFIG (MultiWorkerMirroredStrategy). Each has its
+#: set-up in ``stages.distribute.SETUPS``.
+STRATEGIES = ("single", "mirrored", "multi_worker")
 #: Bumped when the config's shape changes; params.yaml records the version it was made for.
 SCHEMA_VERSION = 1
 #: The OmegaConf resolver behind ``schema: ${mnist_schema:N}`` in conf/config.yaml.
@@ -132,7 +135,7 @@ class TrainConfig:
     early_stopping_patience: int = MISSING
     #: Batches per call into TensorFlow: speed only, results are identical (a test checks).
     steps_per_execution: int = MISSING
-    #: A name in ``distribute.STRATEGIES``; ``single`` is the plain Keras path.
+    #: A name in ``STRATEGIES``; ``single`` is the plain Keras path.
     strategy: str = MISSING
 
     def check(self) -> None:
@@ -237,10 +240,14 @@ def check_resolver(version: int, *, _root_: DictConfig) -> int:
 
 
 def stage_doc() -> str:
-    """The running stage's module docstring, for ``--help`` (conf/hydra/help/stage.yaml)."""
+    """The running stage's module docstring, for ``--help`` (conf/hydra/help/stage.yaml):
+    the module that defines ``__main__``'s ``main`` (``python -m mnist_pipeline.train`` runs
+    a two-line module that calls ``mnist_pipeline.stages.train.main``)."""
     import sys
 
-    doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip() + "\n"
+    command = sys.modules.get("__main__")
+    owner = getattr(getattr(command, "main", None), "__module__", None)
+    doc = (getattr(sys.modules.get(owner, command), "__doc__", None) or "").strip() + "\n"
     return doc.replace("$", "$$")  # Hydra fills the template with string.Template
 
 

@@ -1,0 +1,82 @@
+"""``make serve``: ``mlflow models serve`` for a registered model, checked first.
+
+    python -m mnist_pipeline.serve                                   # models:/mnist@champion
+    python -m mnist_pipeline.serve --model models:/mnist@candidate --port 5002
+    python -m mnist_pipeline.serve --model models:/mnist/3
+
+The store is the project's (``MLFLOW_TRACKING_URI`` or ``mlflow.db`` beside the code, read
+as every command reads it), and the model must be in its registry: ``mlflow models serve``
+would otherwise end in a traceback (``Registered Model with name=mnist not found``) after
+seconds of imports. What is checked here is said in one line, with the command that fixes it.
+Then this process becomes ``mlflow models serve`` (exec): Ctrl-C and ``kill`` reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from mnist_pipeline import tracking
+from mnist_pipeline.core.errors import PipelineError, exit_on_error
+
+DEFAULT_MODEL = "models:/mnist@champion"
+#: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: the registry's two forms.
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+HOW_TO_REGISTER = (
+    "register the pipeline's model with `python -m mnist_pipeline.register`, then make it "
+    "the champion with `python -m mnist_pipeline.register --promote` (docs/serving.md)"
+)
+
+
+def check_registered(model: str) -> None:
+    """``model`` names a version in the store's registry, else a PipelineError saying how to
+    get one there."""
+    match = _REGISTERED.match(model)
+    if match is None:
+        raise PipelineError(
+            f"--model {model!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    mlflow = tracking.configured_mlflow()
+    client = mlflow.MlflowClient()
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise PipelineError(
+            f"no registered model {name!r} in {tracking.store_label()}: {HOW_TO_REGISTER}"
+        ) from None
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise PipelineError(
+            f"registered model {name!r} has no {what} in {tracking.store_label()}: "
+            f"{HOW_TO_REGISTER}, or pick another with --model"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mnist_pipeline.serve", description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on the network")
+    parser.add_argument("--port", type=int, default=5001)
+    args = parser.parse_args(argv)
+    with exit_on_error():
+        uri = tracking.tracking_uri()
+        tracking.check_store(uri)
+        tracking.require_existing_store()  # serving never creates a store
+        check_registered(args.model)
+    serve = ["models", "serve", "-m", args.model, "--env-manager", "local"]
+    serve += ["--host", args.host, "--port", str(args.port)]
+    print(f"+ MLFLOW_TRACKING_URI={uri} mlflow {' '.join(serve)}", file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "mlflow", *serve]
+    os.execve(sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": uri})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

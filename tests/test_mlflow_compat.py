@@ -1,0 +1,58 @@
+"""The MLflow bugs ``tracking.mlflow_compat`` works around are still there, and the workarounds
+work. Each test runs MLflow's own code first: once upstream fixes a bug, its test fails, and
+the workaround (with its test) can be deleted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mnist_pipeline.tracking import address, mlflow_compat
+
+pytestmark = pytest.mark.skipif(
+    not mlflow_compat.affected(), reason="an MLflow newer than the workarounds were checked on"
+)
+
+
+def test_sqlite_parent_folder_is_made_from_the_escaped_text(tmp_path):
+    """Introduced by mlflow/mlflow#19205: the folder is made from the URI before decoding."""
+    import mlflow.store.db.utils as db_utils
+
+    mlflow_compat.apply()
+    ours = db_utils._make_parent_dirs_if_sqlite
+    theirs = ours.__wrapped__
+    uri = address.sqlite_uri(tmp_path / "50%" / "mlflow.db")
+    theirs(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["50%25"]  # the stray folder
+    ours(uri)
+    assert (tmp_path / "50%").is_dir()  # the one SQLAlchemy opens
+
+
+def test_keras_flavor_input_example_needs_the_folder_first(tmp_path):
+    """mlflow/mlflow#16183: ``input_example`` is written before the model folder exists."""
+    import keras
+    import mlflow.keras
+
+    model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(2)])
+    example = np.zeros((1, 4), dtype="float32")
+    with pytest.raises(FileNotFoundError):
+        mlflow.keras.save_model(model, str(tmp_path / "theirs"), input_example=example)
+    with mlflow_compat.keras_example_dir():
+        mlflow.keras.save_model(model, str(tmp_path / "ours"), input_example=example)
+    assert (tmp_path / "ours" / "MLmodel").is_file()
+
+
+def test_schema_inference_imports_scipy():
+    """The class of mlflow/mlflow#5839: ``_infer_schema`` imports SciPy for any array, and
+    .venv has no SciPy; ``tensor_schema`` gives the same schema without it."""
+    from mlflow.types.utils import _infer_schema
+
+    array = np.zeros((3, 784), dtype="float32")
+    try:
+        import scipy  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(ModuleNotFoundError, match="scipy"):
+            _infer_schema(array)
+    else:
+        assert _infer_schema(array) == mlflow_compat.tensor_schema(array)
+    assert mlflow_compat.tensor_schema(array).inputs[0].shape == (-1, 784)
