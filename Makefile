@@ -107,7 +107,7 @@ BENCH_STAMP := $(BENCH_VENV)/.synced
 ## The benchmark against the book's plain script (about 20 minutes).
 ## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
 bench: setup $(BENCH_STAMP) $(MLFLOW_STAMP)
-	python bench/run.py --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
+	python -m bench.run --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
 
 bench/requirements-tf.txt: uv.lock | $(STAMP)
 	UV="$(UV)" python bench/tf_requirements.py

@@ -73,5 +73,5 @@ def test_make_bench_builds_the_baseline_environment_first(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "pip sync --quiet --python bench/.venv-tf/bin/python" in commands, commands
     assert commands.index(".venv-tf/bin/python bench/requirements-tf.txt") < commands.index(
-        "bench/run.py"
+        "-m bench.run"
     )

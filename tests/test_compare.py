@@ -147,3 +147,9 @@ def test_plot_draws_each_runs_numbers(known_runs, tmp_path, monkeypatch):
         ("train_accuracy", [5, 20], [0.99, 1.0]),
         ("test_accuracy", [5, 20], [0.978, 0.981]),
     ]
+
+
+def test_the_table_shows_headline_metrics_only():
+    from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
+
+    assert set(compare.HEADLINE) == set(HEADLINE_METRICS) - {"train_loss"}

@@ -17,7 +17,8 @@ from mnist_pipeline.core.project import PROJECT_ROOT
 from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
 from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
-from tests.helpers.workspace import git_commit, tiny_dvc_project
+from tests.helpers.workspace import tiny_dvc_project
+from tools.workspace import git_commit
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 

@@ -8,7 +8,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.helpers.workspace import git_commit, tiny_dvc_project
+from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
+from tests.helpers.workspace import tiny_dvc_project
+from tools.workspace import git_commit
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -44,7 +46,7 @@ def test_dvc_repro_end_to_end(project, store):
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
     shown = metrics[""]["data"]["reports/metrics.json"]["data"]
-    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "test_loss", "accuracy_gap"):
+    for key in HEADLINE_METRICS:
         assert 0 <= shown[key] < 100
     assert shown["accuracy_gap"] == pytest.approx(
         shown["train_accuracy"] - shown["test_accuracy"], abs=2e-6
@@ -59,7 +61,7 @@ def test_dvc_repro_end_to_end(project, store):
     assert sorted(r.data.tags["stage"] for r in runs) == ["download", "preprocess", "train"]
     run_ref = json.loads((repo / "models/run.json").read_text())
     train_run = mlflow.get_run(run_ref["run_id"])
-    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"):
+    for key in HEADLINE_METRICS:
         assert train_run.data.metrics[key] == pytest.approx(shown[key], abs=1e-5)
     assert train_run.data.params["model.units"] == "32"
     assert train_run.data.tags["git.dirty"] == "false"

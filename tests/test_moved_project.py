@@ -18,7 +18,7 @@ from mnist_pipeline.core.project import PROJECT_ROOT
 from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_stage
 from tests.helpers.store import seed
-from tests.helpers.workspace import copy_project
+from tools.workspace import copy_project
 
 
 def download(project: Path, mirror, uri: str | None = None) -> subprocess.CompletedProcess:

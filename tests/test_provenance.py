@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.config import sha_overrides
 from tests.helpers.faults import needs_root
 from tests.helpers.processes import run_stage
-from tests.helpers.workspace import GIT_IDENTITY
+from tools.workspace import GIT_IDENTITY
 
 
 def git_repo(path: Path, commit: bool = True) -> None:

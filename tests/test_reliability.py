@@ -19,7 +19,7 @@ from mnist_pipeline.stages import download, evaluate, preprocess, train
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
 from tests.helpers.services import free_port
-from tests.helpers.workspace import GIT_IDENTITY
+from tools.workspace import GIT_IDENTITY
 
 
 def test_diverging_training_stops_and_saves_nothing(tiny_cfg, tiny_mirror):

@@ -27,6 +27,7 @@ from hydra_plugins.mnist_optuna_sweeper import (
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import CONF_DIR
 from mnist_pipeline.experiments import search
+from mnist_pipeline.tracking.address import redact
 
 pytestmark = pytest.mark.heavy
 
@@ -175,7 +176,7 @@ def test_storage_defaults_beside_the_mlflow_store(tracking_store, monkeypatch):
     assert search.storage_url(None) == f"sqlite:///{store.parent / 'optuna.db'}"
     monkeypatch.setenv(search.STORAGE_ENV, "postgresql+psycopg://u:pw@db/optuna")
     assert search.storage_url(None) == "postgresql+psycopg://u:pw@db/optuna"
-    assert "pw" not in search.shown_url(search.storage_url(None))
+    assert "pw" not in redact(search.storage_url(None))
     with pytest.raises(ConfigError, match="absolute path"):
         search.storage_url("sqlite:///optuna.db")
 

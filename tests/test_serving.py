@@ -3,14 +3,10 @@ promotion rule, `predict` on real PNG files, and a real `mlflow models serve` ov
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +23,7 @@ from mnist_pipeline.stages.idx import to_idx_bytes, write_idx
 from tests.helpers.cli import exit_code
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import run_stage
-from tests.helpers.services import free_port
+from tests.helpers.services import free_port, started
 
 pytestmark = pytest.mark.heavy
 
@@ -174,29 +170,8 @@ class ScoringServer:
         command = [sys.executable, "-m", "mnist_pipeline.serve", "--model", model_uri]
         command += ["--port", port]
         self.log = log
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        try:
-            self._wait(timeout_s=240)
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited:\n{self.log.read_text()[-3000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(self.url + "/ping", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"not up in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+        self.server = started(command, self.url + "/ping", env, log, timeout_s=240)
+        self.process = self.server.process
 
     def post(self, body: bytes | str, content_type="application/json") -> tuple[int, str]:
         data = body.encode() if isinstance(body, str) else body
@@ -210,16 +185,7 @@ class ScoringServer:
             return exc.code, exc.read().decode()
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # uvicorn workers outliving the leader
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self.server.stop(grace_s=30)
 
 
 @pytest.fixture(scope="module")

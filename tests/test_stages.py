@@ -75,7 +75,7 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     assert (models / "model.keras").exists()
     run_ref = json.loads((models / "run.json").read_text())
     metrics = json.loads((reports / "metrics.json").read_text())
-    for key in ("fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"):
+    for key in HEADLINE_METRICS:
         assert key in metrics
     assert metrics["accuracy_gap"] == pytest.approx(
         metrics["train_accuracy"] - metrics["test_accuracy"], abs=2e-6

@@ -18,7 +18,7 @@ from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.tracking import address
 from tests.helpers.config import sha_overrides
 from tests.helpers.services import free_port, require_extra
-from tests.helpers.workspace import copy_project
+from tools.workspace import copy_project
 
 
 def download(cwd: Path, uri: str | None, mirror, pythonpath: Path | None = None):

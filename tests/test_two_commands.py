@@ -21,7 +21,8 @@ import yaml
 from mnist_pipeline.tracking.address import sqlite_path
 from tests.helpers.config import edit_yaml
 from tests.helpers.store import seed
-from tests.helpers.workspace import git_commit, tiny_dvc_project
+from tests.helpers.workspace import tiny_dvc_project
+from tools.workspace import git_commit
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 

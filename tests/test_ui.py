@@ -30,7 +30,7 @@ from mnist_pipeline.tracking import names
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
 from tests.helpers.services import free_port, require_full_mlflow
-from tests.helpers.workspace import GIT_IDENTITY, copy_project, git_commit
+from tools.workspace import GIT_IDENTITY, copy_project, git_commit
 
 pytestmark = pytest.mark.heavy
 

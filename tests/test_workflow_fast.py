@@ -15,7 +15,7 @@ from mnist_pipeline.core.project import CONF_DIR, PROJECT_ROOT
 from mnist_pipeline.stages.download import Mirror
 from tests.helpers.cli import run_module
 from tests.helpers.config import edit_yaml
-from tests.helpers.workspace import git_commit
+from tools.workspace import git_commit
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 # Hydra imports every plugin of every search path for any command that composes conf/, DVC's
 # `dvc exp run -S` included: only the light error module here, the sweep's code when it runs.
 from mnist_pipeline.core.errors import ConfigError, exit_on_error
+from mnist_pipeline.tracking import address
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,6 @@ class OptunaSweeper(Sweeper):
                 raise
 
     def _sweep(self, arguments: list[str]) -> Any:
-        import optuna
 
         from mnist_pipeline.experiments import search
 
@@ -118,20 +118,7 @@ class OptunaSweeper(Sweeper):
             objective.check_config(OmegaConf.select(base, "data.val_split"))
         storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            study = optuna.create_study(
-                study_name=self.study_name,
-                storage=storage,
-                direction=self.direction,
-                load_if_exists=True,
-            )
-        except Exception as exc:  # an unreachable database, a missing folder or driver
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(
-                f"cannot open Optuna study {self.study_name!r} in {search.shown_url(storage)}: "
-                f"{reason}"
-            ) from None
+        study = self._open_study(storage)
         search.check_study(study, self.direction, objective)
         sweep_dir = self.config.hydra.sweep.dir
         info = search.link_parent(study, sweep_dir)
@@ -143,7 +130,7 @@ class OptunaSweeper(Sweeper):
         log.info(
             "Optuna study %s in %s: %d trials so far, %d to run, %d at a time; objective %s (%s)",
             study.study_name,
-            search.shown_url(storage),
+            address.redact(storage),
             len(study.trials),
             max(to_go, 0),
             self.n_jobs,
@@ -171,6 +158,25 @@ class OptunaSweeper(Sweeper):
                 " ".join(f"{k}={v}" for k, v in summary["best_params"].items()),
             )
         return returns
+
+    def _open_study(self, storage: str) -> Any:
+        """The study, created or resumed; one line for a database that cannot be used."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            return optuna.create_study(
+                study_name=self.study_name,
+                storage=storage,
+                direction=self.direction,
+                load_if_exists=True,
+            )
+        except Exception as exc:  # an unreachable database, a missing folder or driver
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"cannot open Optuna study {self.study_name!r} in {address.redact(storage)}: "
+                f"{reason}"
+            ) from None
 
     def _check_settings(self) -> None:
         if self.unknown:

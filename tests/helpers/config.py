@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
 
-from mnist_pipeline.core.config import PipelineConfig, load_config
-from mnist_pipeline.core.project import CONF_DIR
+from mnist_pipeline.core.config import PipelineConfig
+from mnist_pipeline.core.params import pipeline_config
 
 
 def sha_overrides(sha: dict[str, str]) -> list[str]:
@@ -17,8 +16,7 @@ def sha_overrides(sha: dict[str, str]) -> list[str]:
 
 def compose_config(overrides: list[str] | None = None) -> PipelineConfig:
     """conf/ composed with Hydra overrides and validated, as a stage would see it."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return load_config(compose(config_name="config", overrides=overrides or []))
+    return pipeline_config(overrides)
 
 
 def edit_yaml(path: Path, **values) -> None:

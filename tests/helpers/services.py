@@ -6,17 +6,13 @@ project's full ``mlflow``, .venv-mlflow), live in a temporary folder and are sto
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -25,6 +21,7 @@ import pytest
 
 from mnist_pipeline.core.errors import PipelineError
 from mnist_pipeline.core.project import full_mlflow
+from mnist_pipeline.core.supervised import Server, ServerExited
 from mnist_pipeline.tracking.server import server_command
 
 
@@ -156,48 +153,23 @@ class MlflowServer:
         self.log = log
         command = server_command(str(artifacts), port=self.port, workers=1)
         env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        try:
-            self._wait_until_up(timeout_s=120)
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait_until_up(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"mlflow server not up in {timeout_s} s:\n{self.log.read_text()}")
+        self.server = started(command, self.url + "/health", env, log, timeout_s=120)
+        self.process = self.server.process
 
     def close(self) -> None:
-        """Stop the server and its uvicorn workers: the whole process group, even when the
-        leader has already exited, with SIGKILL for what outlives SIGTERM by 30 s."""
-        group = self.process.pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _group_alive(group) and time.monotonic() < deadline:
-            self.process.poll()  # reap the leader
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-        self.process.wait()
+        self.server.stop(grace_s=30)
 
 
-def _group_alive(group: int) -> bool:
+def started(command: list[str], health_url: str, env: dict, log: Path, timeout_s: float) -> Server:
+    """A supervised server logging to ``log``, once it answers; its log in the error if not."""
+    with log.open("w") as out:
+        server = Server(command, health_url, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        server.wait_until_up(timeout_s)
+    except (ServerExited, TimeoutError) as exc:
+        server.stop()
+        raise RuntimeError(f"{command[0]}: {exc}:\n{log.read_text()[-3000:]}") from None
+    except BaseException:
+        server.stop()
+        raise
+    return server

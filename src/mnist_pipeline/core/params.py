@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_pipeline.core import atomic
-from mnist_pipeline.core.config import describe, flatten, load_config
+from mnist_pipeline.core.config import PipelineConfig, describe, flatten, load_config
 from mnist_pipeline.core.errors import ConfigError, exit_on_error
 from mnist_pipeline.core.project import CONF_DIR, PROJECT_ROOT
 
@@ -41,6 +41,12 @@ def compose_config(overrides: list[str] | None = None, config_dir: str = CONF_DI
             return compose(config_name="config", overrides=overrides or [])
     except HydraException as exc:  # an unknown group or key, or a value the schema refuses
         raise ConfigError(describe(exc)) from None
+
+
+def pipeline_config(overrides: list[str] | None = None) -> PipelineConfig:
+    """conf/ composed with Hydra overrides and validated: the config a stage would run with,
+    for code that is not a Hydra app (``register``, the tests)."""
+    return load_config(compose_config(overrides))
 
 
 def compose_params(overrides: list[str] | None = None, config_dir: str = CONF_DIR) -> str:

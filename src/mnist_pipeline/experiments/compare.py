@@ -23,6 +23,8 @@ from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.experiments import sweep_tracking
 from mnist_pipeline.stages import charts
 
+#: The table's metric columns, in reading order: ``artifacts.HEADLINE_METRICS`` but
+#: ``train_loss`` (the table stays within a terminal's width).
 HEADLINE = ["fit_accuracy", "train_accuracy", "test_accuracy", "accuracy_gap", "test_loss"]
 #: Shown when the runs have them: an Optuna study's validation accuracy and objective.
 SEARCH_METRICS = ["val_accuracy", "objective"]

@@ -154,16 +154,6 @@ def storage_url(storage: str | None) -> str:
     return url
 
 
-def shown_url(url: str) -> str:
-    """The storage URL without its password, for logs and tags."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
-
-
 def check_study(study: Any, direction: str, objective: Objective) -> None:
     """Refuse to resume a study towards another goal: its earlier trials' values would mean
     something else (Optuna itself ignores the direction of a study it loads)."""
@@ -241,7 +231,7 @@ def report_study(study: Any, info: dict[str, str], objective: Objective, storage
     done = optuna.trial.TrialState
     summary: dict[str, Any] = {
         "study_name": study.study_name,
-        "storage": shown_url(storage),
+        "storage": address.redact(storage),
         "direction": study.direction.name.lower(),
         "objective": objective.expression,
         "n_trials": len(states),

@@ -39,13 +39,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from typing import Any
 
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.core.project import PROJECT_ROOT, full_mlflow
+from mnist_pipeline.core.supervised import Server, ServerExited
 
 log = logging.getLogger(__name__)
 
@@ -221,38 +220,19 @@ class ServerOutput:
         return lines[-1].strip() if lines else "it printed nothing"
 
 
-def wait_until_up(
-    process: subprocess.Popen, url: str, timeout_s: float, output: ServerOutput, store: str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise PipelineError(
-                f"mlflow server exited with status {process.returncode}: {output.reason()} "
-                f"(store {store})"
-            )
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise PipelineError(f"mlflow server did not answer at {url} within {timeout_s:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop the server and its worker (its own process group)."""
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+def wait_until_up(server: Server, output: ServerOutput, timeout_s: float, store: str) -> None:
+    """Until the server answers; one line with its own reason if it dies first."""
+    try:
+        server.wait_until_up(timeout_s)
+    except ServerExited as exc:
+        raise PipelineError(
+            f"mlflow server exited with status {exc.returncode}: {output.reason()} (store {store})"
+        ) from None
+    except TimeoutError:
+        raise PipelineError(
+            f"mlflow server did not answer at {server.health_url.removesuffix('/health')} "
+            f"within {timeout_s:.0f} s"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,21 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     # 0.0.0.0 is where it listens, not an address to open.
     reach = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     shown = f"http://{reach}:{args.port}"
-    server = subprocess.Popen(
+    server = Server(
         command,
+        url + "/health",
         # Unbuffered: its log goes through a pipe (ServerOutput), line by line as on a terminal.
         env={**os.environ, **FAST_START_ENV, "PYTHONUNBUFFERED": "1"},
         cwd=PROJECT_ROOT,
-        start_new_session=True,  # stopped as a group: the server and its worker
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    output = ServerOutput(server)
+    output = ServerOutput(server.process)
     try:
         import_mlflow()  # while the server imports it too
         with exit_on_error():
-            wait_until_up(server, url, args.timeout, output, store)
+            wait_until_up(server, output, args.timeout, store)
             # Not before: the server creates or migrates a fresh store (see the docstring).
             experiment_id = prepare(args.experiment, store)
         print(
@@ -306,12 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         output.pass_on()
-        server.wait()
-        return server.returncode
+        return server.process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        stop(server)
+        server.stop()
 
 
 if __name__ == "__main__":

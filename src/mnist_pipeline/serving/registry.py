@@ -321,14 +321,6 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def load_cfg(overrides: list[str]) -> PipelineConfig:
-    """conf/ composed with Hydra overrides (``registry.max_gap=0.05``) and validated."""
-    from mnist_pipeline.core.config import load_config
-    from mnist_pipeline.core.params import compose_config
-
-    return load_config(compose_config(overrides))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.register",
@@ -350,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--force and --version go with --promote")
     quiet_libraries()
     with exit_on_error(store=tracking.store_label):
-        cfg = load_cfg(args.overrides)
+        from mnist_pipeline.core.params import pipeline_config  # Hydra: only when needed
+
+        cfg = pipeline_config(args.overrides)
         if args.promote:
             return 0 if promote(cfg, args.version, args.force) else 1
         if args.best_of_sweep or args.sweep_id:

@@ -49,7 +49,11 @@ HISTORY_PNG = "train_history.png"
 
 def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[str, float]:
     """Train, then (on the chief) save the model and its run reference; return the training
-    metrics. ``job`` makes the run a sweep's child or a reproduction."""
+    metrics. ``job`` makes the run a sweep's child or a reproduction.
+
+    One function on purpose, read top to bottom like the Keras example it grew from: its
+    order is the contract (the memory check before anything is allocated, the strategy
+    before any other TensorFlow op, the outputs put in place only once the run is recorded)."""
     # What params.yaml says now, to compare before anything is put in place.
     guard = ParamsGuard(stage_params("train"))
     models, processed = Path(cfg.paths.models), Path(cfg.paths.processed)
