@@ -6,10 +6,6 @@ STAMP := $(VENV)/.synced
 # The optional extras (pyproject.toml): `server` for `make server`, every extra for the tests.
 SERVER_STAMP := $(VENV)/.synced-server
 ALL_STAMP := $(VENV)/.synced-all-extras
-# `mlflow ui` and `mlflow server`: the full mlflow in its own environment (uv.lock's
-# `mlflow-server` group), so that .venv, where the stages run, holds only MLflow's client.
-MLFLOW_VENV := .venv-mlflow
-MLFLOW_STAMP := $(MLFLOW_VENV)/.synced
 # Stage commands call `python`/`dvc`; put the project's environment first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # uv: the one on PATH, else the one pip installs for the machine's python3.
@@ -35,8 +31,8 @@ setup: $(STAMP)
 # --inexact: a sync adds what a target needs and removes nothing, so switching between
 # targets never uninstalls and reinstalls an extra.
 SYNC = $(UV) sync --frozen --inexact --python python3
-# When the lock changes, .venv is synced exactly (what the lock no longer lists goes: an old
-# .venv kept the full mlflow, which the stages' environment must not hold), keeping the
+# When the lock changes, .venv is synced exactly (what the lock no longer lists goes: the
+# packages [tool.uv] override-dependencies leaves out, if an older lock had them), keeping the
 # extras an earlier target installed. mlflow and mlflow-skinny install the same files:
 # uninstalling the one deletes the other's, so the client is reinstalled in the same sync.
 KEPT_EXTRAS = $(if $(wildcard $(ALL_STAMP)),--all-extras,$(if $(wildcard $(SERVER_STAMP)),--extra server))
@@ -60,13 +56,6 @@ $(ALL_STAMP): $(STAMP)
 	$(SYNC) --all-extras
 	@touch $@
 
-# Rebuilt from scratch when the lock changes (nothing else installs into it).
-$(MLFLOW_STAMP): uv.lock | $(STAMP)
-	rm -rf $(MLFLOW_VENV)
-	UV_PROJECT_ENVIRONMENT=$(MLFLOW_VENV) $(UV) sync --frozen --only-group mlflow-server \
-		--python python3 --quiet
-	@touch $@
-
 ## Run the pipeline: download -> preprocess -> train -> evaluate (only what changed).
 repro: setup
 	dvc repro
@@ -83,11 +72,11 @@ PYTEST_PARALLEL := -n logical --dist loadfile --no-loadscope-reorder
 TESTS ?=
 
 ## The whole suite with line and branch coverage of src/ (CI runs this; about 10 minutes).
-test: $(ALL_STAMP) $(MLFLOW_STAMP)
+test: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) --cov --cov-report=term:skip-covered $(TESTS)
 
 ## The inner loop: all but the end-to-end runs (-m "not slow"; about 2 minutes).
-test-fast: $(ALL_STAMP) $(MLFLOW_STAMP)
+test-fast: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(TESTS)
 
 ## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
@@ -106,7 +95,7 @@ BENCH_STAMP := $(BENCH_VENV)/.synced
 
 ## The benchmark against the book's plain script (about 20 minutes).
 ## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
-bench: setup $(BENCH_STAMP) $(MLFLOW_STAMP)
+bench: setup $(BENCH_STAMP)
 	python -m bench.run --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
 
 bench/requirements-tf.txt: uv.lock | $(STAMP)
@@ -125,11 +114,11 @@ PORT ?= 5000
 HOST ?= 127.0.0.1
 ## Compare the runs in MLflow's UI: prints the address to open (docs/mlflow-ui.md).
 ## PORT=5001 for another port; HOST=0.0.0.0 UI_ARGS="--allowed-hosts ..." to share it.
-ui: setup $(MLFLOW_STAMP)
+ui: setup
 	python -m mnist_pipeline.ui --host "$(HOST)" --port "$(PORT)" $(UI_ARGS)
 
 ## Regenerate the pictures in docs/mlflow-ui/ (the browser test, a few minutes).
-screenshots: $(ALL_STAMP) $(MLFLOW_STAMP)
+screenshots: $(ALL_STAMP)
 	MNIST_SCREENSHOTS="$(CURDIR)/docs/mlflow-ui" python -m pytest tests/test_ui.py -k browser
 
 ## Serve the registered champion model (docs/serving.md): POST to http://127.0.0.1:5001/invocations
@@ -139,7 +128,7 @@ serve: setup
 ## A shared MLflow tracking server on PostgreSQL (docs/operations.md).
 ## Runs in PostgreSQL, artifacts stored and served by the server. Settings:
 ## MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
-server: $(SERVER_STAMP) $(MLFLOW_STAMP)
+server: $(SERVER_STAMP)
 	python -m mnist_pipeline.tracking_server
 
 ## This list: one line per target (the first line of the `##` comment above each).

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.config import PipelineConfig
-from mnist_pipeline.core.project import MLFLOW_PYTHON, PROJECT_ROOT
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
@@ -29,9 +28,6 @@ def _absl_on_the_process_stderr() -> None:
 
 
 _absl_on_the_process_stderr()
-# Tests run the project from copies in temporary folders, which have no .venv-mlflow of their
-# own: their `mlflow ui` and `mlflow server` use this checkout's (project.full_mlflow).
-os.environ.setdefault("MNIST_MLFLOW_PYTHON", str(PROJECT_ROOT / MLFLOW_PYTHON))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -53,7 +53,7 @@ def known_runs(tracking_store):
 
 
 def test_table_rows_columns_and_order(known_runs):
-    table = compare.runs_table(compare.select_runs())  # default: the latest sweep
+    table = compare.runs_table(compare.select_runs(sweep_id="latest"))
     assert list(table["run"]) == ["job2", "job1", "job0"]  # by test accuracy, best first
     assert list(table.columns) == [
         "run",
@@ -153,3 +153,21 @@ def test_the_table_shows_headline_metrics_only():
     from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
 
     assert set(compare.HEADLINE) == set(HEADLINE_METRICS) - {"train_loss"}
+
+
+def test_without_arguments_the_experiments_pipeline_runs_best_first(tracking_store, capsys):
+    """After a `dvc repro` and a `dvc exp run` (no sweep at all): `compare` compares them."""
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("mnist")  # conf/tracking: the pipeline's
+    for name, test in (("repro 12-05 10:00:00", 0.970), ("lr2", 0.980)):
+        run = client.create_run(experiment, run_name=name, tags={"stage": "train"})
+        for key, value in {"train_accuracy": 0.99, "test_accuracy": test}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    client.create_run(experiment, tags={"stage": "download"})  # not a pipeline run's row
+    assert compare.main([]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[0] for row in rows[1:]] == ["lr2", "repro"]  # best first, one row each
+    with pytest.raises(SystemExit):  # a sweep asked for where there is none: one line
+        compare.main(["--sweep"])
+    assert capsys.readouterr().err.startswith("error: ")

@@ -1,27 +1,30 @@
-"""The two environments (docs/performance.md): .venv, where the stages run, holds MLflow's
-client only, so `import tensorflow` does not load what the full `mlflow` brings; the full
-`mlflow` (`mlflow ui`, `mlflow server`) has its own, .venv-mlflow, at the same version."""
+"""One environment (docs/performance.md, "One environment"): .venv holds the full `mlflow`
+(`mlflow ui`, `mlflow server`, `mlflow models serve`) and leaves out the four packages that
+[tool.uv] override-dependencies drops, which Keras would import on every `import tensorflow`."""
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-import mlflow
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
-from tests.helpers.services import require_full_mlflow
+from mnist_pipeline.core.supervised import Server
+from tests.helpers.services import free_port
 
-#: What Keras imports when it finds it installed, and the full `mlflow` installs.
-HEAVY = ("sklearn", "scipy", "matplotlib", "pyarrow", "flask")
+#: What the full `mlflow` requires and Keras imports when it finds it installed.
+LEFT_OUT = ("sklearn", "scipy", "matplotlib", "pyarrow")
 
 
-def test_import_tensorflow_in_the_stages_environment_loads_none_of_the_ui_s_packages():
+def test_the_packages_left_out_are_not_installed_and_tensorflow_loads_none():
+    assert [m for m in LEFT_OUT if importlib.util.find_spec(m) is not None] == []
     script = (
         "import json, sys, tensorflow, keras, mlflow, mlflow.keras\n"
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+        f"print(json.dumps([m for m in {LEFT_OUT!r} if m in sys.modules]))"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
@@ -30,61 +33,38 @@ def test_import_tensorflow_in_the_stages_environment_loads_none_of_the_ui_s_pack
     assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
-def test_the_full_mlflow_runs_from_its_own_environment_at_the_client_s_version():
-    command = require_full_mlflow()
-    assert command[0] != sys.executable
-    done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    # One store, two clients: the UI's MLflow must read the schema the stages' MLflow writes.
-    assert done.stdout.split()[-1] == mlflow.__version__
-    # And the stages' environment cannot serve the UI itself.
-    assert subprocess.run([sys.executable, "-c", "import flask"], capture_output=True).returncode
+@pytest.mark.slow
+def test_mlflow_ui_runs_in_the_activated_environment(tmp_path):
+    """`source .venv/bin/activate && mlflow ui`: the venv's own `mlflow` script, first on
+    PATH, starts a UI that answers (it stopped on `No module named 'flask'` before)."""
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    command = [shutil.which("mlflow", path=env["PATH"]), "ui", "--port", str(port)]
+    assert command[0] == str(venv_bin / "mlflow")
+    with (
+        log.open("w") as out,
+        Server(
+            command,
+            f"http://127.0.0.1:{port}/health",
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ) as server,
+    ):
+        try:
+            server.wait_until_up(timeout_s=180)
+        except Exception as exc:  # it exited, or never answered: its log says why
+            raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from None
 
 
-@pytest.mark.parametrize("module", ["ui", "tracking_server"])
-def test_without_the_full_mlflow_the_ui_and_server_say_how_to_install_it(tmp_path, module):
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    args = {"ui": [], "tracking_server": ["--backend-store-uri", store]}[module]
-    env = {
-        **os.environ,
-        "MNIST_MLFLOW_PYTHON": str(tmp_path / "no-such-env/bin/python"),
-        "MLFLOW_TRACKING_URI": store,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", f"mnist_pipeline.{module}", *args, "--port", "5999"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ") and "make ui" in lines[0] and "not found" in lines[0]
-
-
-def test_make_test_builds_the_ui_s_environment_first(tmp_path):
-    """A fresh clone has no .venv-mlflow: `make test` (CI) and `make ui` must build it."""
-    if shutil.which("make") is None:
-        pytest.skip("make not installed")
-    shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
-    for name in ("pyproject.toml", "uv.lock"):
-        (tmp_path / name).write_text("")
-    (tmp_path / ".venv").mkdir()
-    for stamp in (".synced", ".synced-all-extras"):
-        (tmp_path / ".venv" / stamp).write_text("")
-    for target in ("test", "ui", "server"):
-        done = subprocess.run(
-            ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60
-        )
-        assert "--only-group mlflow-server" in done.stdout, (target, done.stdout, done.stderr)
-
-
-def test_a_new_lock_syncs_the_stages_environment_exactly_and_repairs_mlflow_s_files(tmp_path):
-    """An older .venv holds the full mlflow: the exact sync removes it, and since mlflow and
-    mlflow-skinny install the same files, that would delete the client's too (seen: `import
-    mlflow` failed after the upgrade) unless the same sync reinstalls mlflow-skinny."""
+def test_a_new_lock_syncs_the_environment_exactly_and_repairs_mlflow_s_files(tmp_path):
+    """An exact sync removes what the lock no longer lists; mlflow and mlflow-skinny install
+    the same files, so removing one would delete the other's (seen: `import mlflow` failed
+    after an upgrade) unless the same sync reinstalls mlflow-skinny."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
     shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")

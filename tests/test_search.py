@@ -298,11 +298,11 @@ def test_parallel_study_then_resumed_with_more_trials(study, capsys):
     # The comparison lists the whole study, best first.
     from mnist_pipeline.experiments import compare
 
-    table = compare.runs_table(compare.select_runs())
+    table = compare.runs_table(compare.select_runs(sweep_id="latest"))
     assert len(table) == 3
     assert list(table["objective"]) == sorted(table["objective"], reverse=True)
     capsys.readouterr()
-    assert compare.main(["--sweep", "latest"]) == 0
+    assert compare.main(["--sweep"]) == 0
     rows = capsys.readouterr().out.splitlines()
     best = optuna_study.best_value
     runs = trial_runs(children)  # the whole study's

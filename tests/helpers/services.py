@@ -1,7 +1,7 @@
 """Real servers for integration tests: a throwaway PostgreSQL cluster and an MLflow server.
 
 Both run on loopback from the machine's own binaries (Debian's ``postgresql`` package, the
-project's full ``mlflow``, .venv-mlflow), live in a temporary folder and are stopped by ``close()``.
+project's ``mlflow``), live in a temporary folder and are stopped by ``close()``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import NoReturn
 
 import pytest
 
-from mnist_pipeline.core.errors import PipelineError
-from mnist_pipeline.core.project import full_mlflow
 from mnist_pipeline.core.supervised import Server, ServerExited
 from mnist_pipeline.tracking.server import server_command
 
@@ -32,15 +30,6 @@ def require_extra(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         missing(f"{module} is not installed: the optional `{extra}` extra (make test has it)")
-
-
-def require_full_mlflow() -> list[str]:
-    """The full ``mlflow`` command (.venv-mlflow, for ``mlflow server``), or a skip; a failure
-    in CI, where ``make test`` builds it."""
-    try:
-        return full_mlflow()
-    except PipelineError as exc:
-        missing(str(exc))
 
 
 def missing(message: str) -> NoReturn:
@@ -147,7 +136,6 @@ class MlflowServer:
     """``mlflow server`` as ``make server`` starts it: a database backend, proxied artifacts."""
 
     def __init__(self, backend_store_uri: str, artifacts: Path, log: Path) -> None:
-        require_full_mlflow()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

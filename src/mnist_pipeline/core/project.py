@@ -6,13 +6,11 @@ list (the in-process data cache) reads it from there instead of keeping a copy.
 
 from __future__ import annotations
 
-import os
+import sys
 from functools import cache
 from pathlib import Path
 
 import yaml
-
-from mnist_pipeline.core.errors import PipelineError
 
 #: The repository root (src layout: src/mnist_pipeline/core/project.py -> root).
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -32,27 +30,11 @@ def project_root(path: Path = PROJECT_ROOT) -> Path:
     return path
 
 
-#: The full ``mlflow``'s interpreter, in the project (the Makefile's MLFLOW_VENV).
-MLFLOW_PYTHON = ".venv-mlflow/bin/python"
-
-
-def full_mlflow() -> list[str]:
-    """The command for the full ``mlflow`` CLI (``mlflow server``, which ``mlflow ui`` is).
-
-    It has its own environment, ``.venv-mlflow/`` (uv.lock's ``mlflow-server`` group, built by
-    ``make ui``, ``make server`` and ``make test``); ``.venv``, where the stages run, holds only
-    MLflow's client, so Keras does not import the UI's scikit-learn, SciPy and Matplotlib on
-    every ``import tensorflow``. ``$MNIST_MLFLOW_PYTHON`` names another interpreter with
-    ``mlflow`` installed. The interpreter, not the ``mlflow`` script: a venv's scripts name its
-    absolute path, its interpreter keeps working after the project moves.
-    """
-    python = os.environ.get("MNIST_MLFLOW_PYTHON") or project_root() / MLFLOW_PYTHON
-    if not Path(python).exists():
-        raise PipelineError(
-            f"MLflow's UI and server are not installed ({python} not found): "
-            "`make ui` or `make server` installs them"
-        )
-    return [str(python), "-m", "mlflow"]
+def mlflow_command() -> list[str]:
+    """The ``mlflow`` CLI of this environment (``mlflow server``, which ``mlflow ui`` is): the
+    interpreter, not the ``mlflow`` script, which names the venv's absolute path and stops
+    working when the project moves."""
+    return [sys.executable, "-m", "mlflow"]
 
 
 @cache

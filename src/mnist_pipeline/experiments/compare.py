@@ -1,6 +1,7 @@
 """Compare runs: a table of the params that differ and the train/test gap, and a picture.
 
-    python -m mnist_pipeline.compare                      # the latest sweep (--sweep latest)
+    python -m mnist_pipeline.compare                      # the experiment's runs, best first
+    python -m mnist_pipeline.compare --sweep              # the latest sweep or Optuna study
     python -m mnist_pipeline.compare --sweep 20261129-041200-ab12cd
     python -m mnist_pipeline.compare --experiment mnist --filter "params.model.units = '512'"
     python -m mnist_pipeline.compare --sort accuracy_gap --markdown t.md --csv t.csv --plot g.png
@@ -33,19 +34,21 @@ SEARCH_METRICS = ["val_accuracy", "objective"]
 def select_runs(
     sweep_id: str | None = None, experiment: str | None = None, filter_string: str = ""
 ) -> list[Any]:
-    """Finished training runs: of one sweep (by default the latest), or of an experiment
-    matching an MLflow filter string."""
+    """Finished training runs (one per pipeline run: a `dvc repro`, a `dvc exp run`, a sweep
+    job) matching an MLflow filter string: of one sweep (``latest``: the latest), else of an
+    experiment (by default the project's, ``tracking.experiment_name``)."""
     mlflow = tracking.configured_mlflow()
-    if experiment is None and not filter_string:
-        filter_string = sweep_tracking.jobs_filter(sweep_id or sweep_tracking.latest_sweep_id())
-    elif sweep_id is not None:
+    kwargs: dict[str, Any] = {"search_all_experiments": True}
+    if sweep_id is not None:
+        if sweep_id == "latest":
+            sweep_id = sweep_tracking.latest_sweep_id()
         filter_string = " and ".join(
             filter(None, [filter_string, sweep_tracking.jobs_filter(sweep_id)])
         )
-    clauses = ["tags.stage = 'train'", "attributes.status = 'FINISHED'", filter_string]
-    kwargs: dict[str, Any] = {"search_all_experiments": True}
-    if experiment is not None:
+    else:
+        experiment = experiment or default_experiment()
         kwargs = {"experiment_names": [experiment]}
+    clauses = ["tags.stage = 'train'", "attributes.status = 'FINISHED'", filter_string]
     try:
         runs = mlflow.search_runs(
             filter_string=" and ".join(c for c in clauses if c), output_format="list", **kwargs
@@ -53,8 +56,18 @@ def select_runs(
     except mlflow.exceptions.MlflowException as exc:
         raise PipelineError(f"bad selection: {exc.message}") from None
     if not runs:
-        raise PipelineError(f"no finished training runs match: {filter_string or experiment}")
+        where = " in ".join(
+            filter(None, [filter_string, experiment and f"experiment {experiment}"])
+        )
+        raise PipelineError(f"no finished training runs match: {where}")
     return runs
+
+
+def default_experiment() -> str:
+    """The experiment the pipeline logs to, as conf/ says (``tracking.experiment_name``)."""
+    from mnist_pipeline.core.params import pipeline_config
+
+    return pipeline_config().tracking.experiment_name
 
 
 def varying_params(runs: list[Any]) -> list[str]:
@@ -215,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-id",
         dest="sweep_id",
         metavar="ID",
-        help="runs of this sweep, or `latest` (the default): the latest sweep or Optuna study",
+        nargs="?",
+        const="latest",
+        help="the jobs of this sweep; without an ID, of the latest sweep or Optuna study",
     )
-    parser.add_argument("--experiment", help="runs of this MLflow experiment")
+    parser.add_argument(
+        "--experiment", help="runs of this MLflow experiment (default: the pipeline's)"
+    )
     parser.add_argument("--filter", default="", help="an MLflow filter string")
     parser.add_argument(
         "--sort",
@@ -229,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--plot", type=Path, help="write the gap picture (PNG) here")
     args = parser.parse_args(argv)
-    if args.sweep_id == "latest":
-        args.sweep_id = None
     with exit_on_error(expected=(PipelineError, OSError), store=tracking.store_label):
         tracking.require_existing_store()
         runs = select_runs(args.sweep_id, args.experiment, args.filter)

@@ -43,7 +43,7 @@ from typing import Any
 
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
-from mnist_pipeline.core.project import PROJECT_ROOT, full_mlflow
+from mnist_pipeline.core.project import PROJECT_ROOT, mlflow_command
 from mnist_pipeline.core.supervised import Server, ServerExited
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def address(base_url: str, experiment_id: str) -> str:
 def server_command(store_uri: str, host: str, port: int, extra: list[str]) -> list[str]:
     """``mlflow server`` (what ``mlflow ui`` runs) with one web worker."""
     return [
-        *full_mlflow(),
+        *mlflow_command(),
         "server",
         "--backend-store-uri",
         store_uri,

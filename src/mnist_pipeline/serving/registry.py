@@ -82,7 +82,9 @@ def best_sweep_run(sweep_id: str | None) -> str:
     registered model is the one the study reports."""
     from mnist_pipeline.experiments.compare import ranking, select_runs
 
-    runs = [r for r in select_runs(sweep_id=sweep_id) if "test_accuracy" in r.data.metrics]
+    runs = [
+        r for r in select_runs(sweep_id=sweep_id or "latest") if "test_accuracy" in r.data.metrics
+    ]
     if not runs:
         raise PipelineError("no job of the sweep was evaluated (no test_accuracy)")
     metric, lower_is_better = ranking(runs)

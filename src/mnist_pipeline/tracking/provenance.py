@@ -26,8 +26,8 @@ CONFIG_ARTIFACT = "config.json"
 PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy")
 
 
-#: Packages installed under another distribution's name: MLflow's client is ``mlflow-skinny``
-#: in .venv (the full ``mlflow`` has its own environment); either is MLflow's version.
+#: Packages that may be installed under another distribution's name: MLflow's client alone is
+#: ``mlflow-skinny`` (an environment without the UI, such as a serving image's).
 DISTRIBUTIONS = {"mlflow": ("mlflow", "mlflow-skinny")}
 
 

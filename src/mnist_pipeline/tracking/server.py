@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mnist_pipeline.core.errors import ConfigError, PipelineError, exit_on_error
-from mnist_pipeline.core.project import PROJECT_ROOT, full_mlflow
+from mnist_pipeline.core.project import PROJECT_ROOT, mlflow_command
 from mnist_pipeline.tracking.address import redact
 
 DEFAULT_BACKEND = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
@@ -82,7 +82,7 @@ def server_command(
     read a process's arguments. ``mlflow server`` reads it from ``$MLFLOW_BACKEND_STORE_URI``.
     """
     return [
-        *full_mlflow(),
+        *mlflow_command(),
         "server",
         "--serve-artifacts",
         "--artifacts-destination",
