@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from mnist_pipeline.core.supervised import free_port
 
 #: The pipeline's DVC stages, in the order they run (each also timed alone).
 STAGES = ("download", "preprocess", "train", "evaluate")
@@ -99,9 +100,7 @@ def ui_start(cwd: Path, env: dict[str, str], timeout_s: float = 600) -> float:
     """Seconds from starting ``python -m mnist_pipeline.ui`` (what ``make ui`` runs) to the
     address it prints once its server answers; then it is stopped as Ctrl-C would. Past
     ``timeout_s`` it gives up itself and exits, which ends the wait here."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     process = subprocess.Popen(
         [

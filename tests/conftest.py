@@ -102,6 +102,13 @@ def prepared(tiny_cfg) -> PipelineConfig:
 
 
 @pytest.fixture(autouse=True)
+def stderr_stays_pytests(monkeypatch):
+    """A command called in-process (``main(argv)``) would route this process's fd 2 through
+    TensorFlow's noise filter for good, and fd 2 is pytest's. Subprocesses still filter."""
+    monkeypatch.setattr("mnist_pipeline.core.log_filter.filter_native_stderr", lambda: None)
+
+
+@pytest.fixture(autouse=True)
 def no_public_mirrors(monkeypatch):
     """Tests never reach the network: only the mirrors a test names are tried."""
     monkeypatch.setattr("mnist_pipeline.stages.download.DEFAULT_MIRRORS", ())

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.stages import evaluate, train
 from mnist_pipeline.stages.artifacts import load_model
 from mnist_pipeline.stages.distribute import cluster_task
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
-from tests.helpers.services import free_port
 
 #: Against ``single`` (plain Keras) the distributed paths shuffle with their own tf.data
 #: pipeline, so each epoch sees other batches. On this data, 3 epochs, seeds 42 and 1-4 gave

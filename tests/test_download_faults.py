@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.errors import DataError
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.stages.artifacts import MNIST_FILES
 from mnist_pipeline.stages.download import download
-from tests.helpers.services import free_port
 
 
 def use_mirrors(monkeypatch, *urls: str) -> None:

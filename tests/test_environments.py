@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
-from mnist_pipeline.core.supervised import Server
-from tests.helpers.services import free_port
+from mnist_pipeline.core.supervised import Server, free_port
 
 #: What the full `mlflow` requires and Keras imports when it finds it installed.
 LEFT_OUT = ("sklearn", "scipy", "matplotlib", "pyarrow")

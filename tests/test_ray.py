@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 from hydra_plugins.mnist_ray_launcher import store_problem
+from mnist_pipeline.core.supervised import free_port
 from tests.helpers.processes import HEADLINE
-from tests.helpers.services import free_port, require_extra
+from tests.helpers.services import require_extra
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import pytest
 
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import PipelineError
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.stages import download, evaluate, preprocess, train
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.processes import start_stage
-from tests.helpers.services import free_port
 from tools.workspace import GIT_IDENTITY
 
 

@@ -15,9 +15,10 @@ import pytest
 
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.tracking import address
 from tests.helpers.config import sha_overrides
-from tests.helpers.services import free_port, require_extra
+from tests.helpers.services import require_extra
 from tools.workspace import copy_project
 
 

@@ -17,12 +17,13 @@ import pytest
 from mlflow import set_tracking_uri
 
 from mnist_pipeline.core.project import PROJECT_ROOT
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.serving import registry
 from mnist_pipeline.tracking import server as tracking_server
 from tests.helpers.cli import exit_code
 from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_pipeline
-from tests.helpers.services import MlflowServer, Postgres, free_port, require_extra
+from tests.helpers.services import MlflowServer, Postgres, require_extra
 
 pytestmark = pytest.mark.heavy
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.params import compose_params
+from mnist_pipeline.core.supervised import free_port
 from mnist_pipeline.experiments import ui
 from mnist_pipeline.tracking import names
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
-from tests.helpers.services import free_port
 from tools.workspace import GIT_IDENTITY, copy_project, git_commit
 
 pytestmark = pytest.mark.heavy

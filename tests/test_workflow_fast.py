@@ -127,6 +127,7 @@ def test_noise_filter_keeps_real_errors(tmp_path):
         "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\\n')\n"
         "os.write(2, b'E0000 node_def_util.cc:682] NodeDef mentions attribute use_unbounded"
         "_threadpool which is not in the op definition: Op<...>\\n')\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see\\n')\n"
         "os.write(2, b'E0000 real_op.cc:1] a real TensorFlow error\\n')\n"
         "raise SystemExit('error: the last word')\n"
     )
@@ -136,7 +137,7 @@ def test_noise_filter_keeps_real_errors(tmp_path):
     )
     assert "a real TensorFlow error" in result.stderr
     assert "error: the last word" in result.stderr
-    assert "NodeDef" not in result.stderr
+    assert "NodeDef" not in result.stderr and "oneDNN" not in result.stderr
     from mnist_pipeline.core.log_filter import has_nvidia_driver, noise_patterns
 
     assert ("cuInit" in result.stderr) == has_nvidia_driver()

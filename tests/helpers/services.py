@@ -10,7 +10,6 @@ import glob
 import importlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import NoReturn
 
 import pytest
 
-from mnist_pipeline.core.supervised import Server, ServerExited
+from mnist_pipeline.core.supervised import Server, ServerExited, free_port
 from mnist_pipeline.tracking.server import server_command
 
 
@@ -37,12 +36,6 @@ def missing(message: str) -> NoReturn:
     if os.environ.get("MNIST_REQUIRE_SERVICES"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres_bindir() -> Path:

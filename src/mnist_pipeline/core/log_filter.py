@@ -5,7 +5,8 @@ it, and ``TF_CPP_MIN_LOG_LEVEL=3`` would hide real TensorFlow errors too. Instea
 passed through a filter that drops only lines known to be harmless: on a machine with no
 NVIDIA driver, the CUDA probe's ``failed call to cuInit`` and ``Could not find cuda
 drivers`` (with a GPU present they are real problems and stay), the ``NodeDef mentions
-attribute`` version-skew notice, and absl's pre-initialisation banner. Every other line,
+attribute`` version-skew notice, oneDNN's "custom operations are on" notice, and absl's
+pre-initialisation banner. Every other line,
 a TensorFlow error included, goes through unchanged. ``MNIST_PIPELINE_RAW_LOGS=1`` turns the
 filter off.
 """
@@ -13,6 +14,7 @@ filter off.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import sys
@@ -21,9 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-#: Always noise: a notice that the graph came from a newer op registry, and absl's banner.
+from mnist_pipeline.core.errors import DEBUG_ENV
+
+#: Always noise: a notice that the graph came from a newer op registry, absl's banner, and
+#: the notice that oneDNN's CPU kernels are on (an INFO line on every CPU run).
 ALWAYS = (
     rb"node_def_util\.cc:\d+\] NodeDef mentions attribute \w+ which is not in the op definition",
+    rb"\] oneDNN custom operations are on\. ",
     rb"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
 )
 #: Noise only where there is no NVIDIA driver at all (nothing for CUDA to find).
@@ -107,3 +113,19 @@ def quiet_progress() -> bool:
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
     return False
+
+
+def quiet_command(native: bool = True) -> None:
+    """The user-facing commands (``register``, ``predict``, ``compare``, ``serve``,
+    ``reproduce``) print what they did, not the libraries' start-up: TensorFlow's native noise
+    is filtered as in the stages, MLflow's INFO chatter and progress bars are off (warnings and
+    errors still show). ``MNIST_PIPELINE_DEBUG=1`` shows everything. ``native=False`` for a
+    command that execs another program: the filter's thread would not survive the exec."""
+    if os.environ.get(DEBUG_ENV):
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
+    if native:
+        filter_native_stderr()

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic
+from mnist_pipeline.core import atomic, log_filter
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.experiments import sweep_tracking
 from mnist_pipeline.stages import charts
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--plot", type=Path, help="write the gap picture (PNG) here")
     args = parser.parse_args(argv)
+    log_filter.quiet_command()
     with exit_on_error(expected=(PipelineError, OSError), store=tracking.store_label):
         tracking.require_existing_store()
         runs = select_runs(args.sweep_id, args.experiment, args.filter)

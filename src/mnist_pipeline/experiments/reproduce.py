@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_pipeline import tracking
+from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.config import load_config
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.stages import artifacts
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id")
     parser.add_argument("--output", type=Path, help="folder for the new model and reports")
     args = parser.parse_args(argv)
+    log_filter.quiet_command()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     with exit_on_error(prefix=f"cannot reproduce {args.run_id}: ", store=tracking.store_label):
         tracking.require_existing_store()

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.stages.artifacts import MODEL_FILE
 from mnist_pipeline.tracking.address import redact
@@ -122,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a .keras file or an MLflow model URI (default: {DEFAULT_MODEL})",
     )
     args = parser.parse_args(argv)
-    from mnist_pipeline.serving.registry import quiet_libraries
-
-    quiet_libraries()
+    log_filter.quiet_command()
     with exit_on_error():
         classify = load_classifier(args.model)
         lines, errors = predict_files(args.paths, classify)

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
+from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.config import PipelineConfig
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.stages import artifacts
+from mnist_pipeline.tracking.logged import no_pip_version_warning
 from mnist_pipeline.tracking.provenance import package_version
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,7 @@ def log_serving_model(run: Any) -> str:
     requirements = [
         f"{p}=={package_version(p)}" for p in ("mlflow", "tensorflow", "keras", "numpy", "pandas")
     ]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, no_pip_version_warning():
         keras_file = Path(tmp) / artifacts.MODEL_FILE
         keras_model.save(keras_file)
         info = Model.log(
@@ -202,7 +204,10 @@ def register(cfg: PipelineConfig, run_id: str) -> Any:
             **{k: f"{metrics[k]:.6f}" for k in REQUIRED_METRICS},
             **{new: run.data.tags[k] for k, new in VERSION_TAGS.items() if k in run.data.tags},
         }
-        version = mlflow.register_model(model_uri, name, tags=tags)
+        # The client, not mlflow.register_model, which prints "Registered model ... already
+        # exists" and "Created version ..." around the line this command prints.
+        model_id = model_uri.removeprefix("models:/")
+        version = client.create_model_version(name, model_uri, tags=tags, model_id=model_id)
         client.update_model_version(
             name,
             version.version,
@@ -312,17 +317,6 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
     return True
 
 
-def quiet_libraries() -> None:
-    """Keep the command's own lines readable: no download progress bars, no INFO chatter
-    from MLflow and TensorFlow (warnings and errors still show)."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.register",
@@ -342,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.force or args.version) and not args.promote:
         parser.error("--force and --version go with --promote")
-    quiet_libraries()
+    log_filter.quiet_command()
     with exit_on_error(store=tracking.store_label):
         from mnist_pipeline.core.params import pipeline_config  # Hydra: only when needed
 

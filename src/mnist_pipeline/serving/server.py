@@ -19,6 +19,7 @@ import re
 import sys
 
 from mnist_pipeline import tracking
+from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 
 DEFAULT_MODEL = "models:/mnist@champion"
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on the network")
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
+    log_filter.quiet_command(native=False)  # it execs `mlflow models serve`
     with exit_on_error():
         uri = tracking.tracking_uri()
         tracking.check_store(uri)

@@ -91,7 +91,7 @@ def log_keras_model(model: Any, example: np.ndarray) -> str:
         mlflow_compat.tensor_schema(model.predict(example[:1], verbose=0)),
     )
     requirements = [f"{p}=={package_version(p)}" for p in ("tensorflow", "keras", "numpy")]
-    with mlflow_compat.keras_example_dir(), _no_pip_version_warning():
+    with mlflow_compat.keras_example_dir(), no_pip_version_warning():
         info = mlflow.keras.log_model(
             model,
             name="model",
@@ -112,7 +112,7 @@ class _PipVersionFilter(logging.Filter):
 
 
 @contextmanager
-def _no_pip_version_warning() -> Iterator[None]:
+def no_pip_version_warning() -> Iterator[None]:
     """MLflow warns that it cannot find pip's version when it writes the model's conda.yaml;
     uv-made environments have no pip, and the model's requirements are given explicitly,
     so the warning says nothing to act on."""
