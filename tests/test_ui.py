@@ -308,6 +308,9 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
     repro = repros[0]
     assert {"tiny-exp", "units=16", "units=24"} <= set(train_runs), sorted(runs)
     assert {f"{repro} (download)", f"{repro} (preprocess)"} <= set(runs), sorted(runs)
+    for stage in ("download", "preprocess"):  # folded under the training run (issue 23)
+        parent = runs[f"{repro} ({stage})"].data.tags.get("mlflow.parentRunId")
+        assert parent == train_runs[repro].info.run_id, (stage, parent)
     sweeps = [n for n in runs if n.startswith("sweep ") and "(" not in n]
     assert len(sweeps) == 1 and sweeps[0].endswith(": model.units=16,24"), sorted(runs)
     sweep = sweeps[0]
@@ -344,7 +347,15 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
             # The params that differ come after the metrics (the grid draws only the columns
             # in sight: the first one is enough).
             assert "data.val_split" in body or "model.units" in body, body
+            # One row per pipeline run: its data stages' runs are folded under it, not beside.
+            data_runs = (f"{repro} (download)", f"{repro} (preprocess)")
+            for name in data_runs:
+                assert page.get_by_role("link", name=name, exact=True).count() == 0, name
             _shot(page, shots / "1-runs.png")
+            page.get_by_role("row").filter(has_text=repro).get_by_role("button").first.click()
+            for name in data_runs:
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+            page.get_by_role("row").filter(has_text=repro).get_by_role("button").first.click()
 
             # 2/4. The sweep's parent opens onto its jobs, named by their overrides.
             page.get_by_role("row").filter(has_text=sweep).get_by_role("button").first.click()

@@ -54,7 +54,8 @@ def start_run(
     ``pipeline_run`` tag holds it for filtering, ``job`` may set it), the stage name,
     provenance tags, ``job``'s parent and tags, and
     ``params`` (by default the whole flattened config). An exception inside the block ends
-    the run as FAILED, with the error in the ``error`` tag.
+    the run as FAILED, with the error in the ``error`` tag. A training run takes its pipeline
+    run's data-stage runs in as its children (``adopt_data_runs``).
     """
     mlflow = configured_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment_name)
@@ -76,7 +77,34 @@ def start_run(
     ):
         job.run_id = run.info.run_id
         mlflow.log_params(flatten(cfg) if params is None else params)
+        if stage == "train":
+            adopt_data_runs(experiment_id, pipeline_run, run.info.run_id)
         yield run
+
+
+#: The stages that run before training in a pipeline run, each in a run of its own.
+DATA_STAGES = ("download", "preprocess")
+
+
+def adopt_data_runs(experiment_id: str, pipeline_run: str, train_run_id: str) -> list[str]:
+    """Make the training run the parent of its pipeline run's download and preprocess runs
+    (same ``pipeline_run`` tag, no parent yet): in ``mlflow ui`` a `dvc repro` or a `dvc exp
+    run` is then one row, the data stages' runs folded under it, not two more rows beside it.
+    MLflow nests runs by the ``mlflow.parentRunId`` tag, which may be set after the fact."""
+    if "'" in pipeline_run:
+        return []  # not a name this project makes; it could not be searched for either
+    store = client()
+    found = store.search_runs(
+        [experiment_id], filter_string=f"tags.pipeline_run = '{pipeline_run}'", max_results=100
+    )
+    adopted = [
+        r.info.run_id
+        for r in found
+        if r.data.tags.get("stage") in DATA_STAGES and "mlflow.parentRunId" not in r.data.tags
+    ]
+    for run_id in adopted:
+        store.set_tag(run_id, "mlflow.parentRunId", train_run_id)
+    return adopted
 
 
 @contextmanager
