@@ -56,3 +56,34 @@ def test_schema_inference_imports_scipy():
     else:
         assert _infer_schema(array) == mlflow_compat.tensor_schema(array)
     assert mlflow_compat.tensor_schema(array).inputs[0].shape == (-1, 784)
+
+
+def test_an_mlflow_newer_than_checked_turns_the_workarounds_off(monkeypatch):
+    """Each workaround applies only to the versions it was checked against."""
+    import mlflow.store.db.utils as db_utils
+
+    monkeypatch.setattr(mlflow_compat, "LAST_CHECKED", (0, 0, 0))
+    assert not mlflow_compat.affected()
+    before = db_utils._make_parent_dirs_if_sqlite
+    monkeypatch.setattr(
+        db_utils, "_make_parent_dirs_if_sqlite", getattr(before, "__wrapped__", before)
+    )
+    mlflow_compat.apply()
+    assert not hasattr(db_utils._make_parent_dirs_if_sqlite, "__wrapped__")
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+    with mlflow_compat.keras_example_dir():
+        assert keras_save._save_example is original
+
+
+def test_the_version_is_read_from_either_distribution(monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    def version(name):
+        if name == "mlflow-skinny":
+            raise PackageNotFoundError(name)
+        return "3.17.2"
+
+    monkeypatch.setattr(mlflow_compat, "version", version)
+    assert mlflow_compat.affected()

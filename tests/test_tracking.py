@@ -48,3 +48,24 @@ def test_experiment_artifacts_sit_beside_a_sqlite_store(tracking_store, tmp_path
     tracking.ensure_experiment("placed")
     location = mlflow.get_experiment_by_name("placed").artifact_location
     assert location == (tmp_path / "store" / "mlartifacts").as_uri()
+
+
+def test_a_training_run_adopts_its_pipeline_runs_data_stage_runs(tracking_store):
+    """One row per pipeline run in mlflow ui: download and preprocess fold under training."""
+    from mnist_pipeline.tracking.runs import adopt_data_runs
+
+    client = tracking.client()
+    experiment = tracking.ensure_experiment("mnist")
+    tags = {"pipeline_run": "repro 12-05 10:00:00"}
+    data = [
+        client.create_run(experiment, tags={**tags, "stage": s}) for s in ("download", "preprocess")
+    ]
+    other = client.create_run(experiment, tags={"pipeline_run": "lr2", "stage": "download"})
+    train = client.create_run(experiment, tags={**tags, "stage": "train"})
+    adopted = adopt_data_runs(experiment, tags["pipeline_run"], train.info.run_id)
+    assert sorted(adopted) == sorted(r.info.run_id for r in data)
+    for run in data:
+        parent = client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"]
+        assert parent == train.info.run_id
+    assert "mlflow.parentRunId" not in client.get_run(other.info.run_id).data.tags
+    assert adopt_data_runs(experiment, "it's", train.info.run_id) == []  # not searchable
