@@ -314,6 +314,9 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
     sweeps = [n for n in runs if n.startswith("sweep ") and "(" not in n]
     assert len(sweeps) == 1 and sweeps[0].endswith(": model.units=16,24"), sorted(runs)
     sweep = sweeps[0]
+    # Every run is a pipeline run's training run, a sweep, or folded under one of them.
+    top = sorted(n for n, r in runs.items() if "mlflow.parentRunId" not in r.data.tags)
+    assert top == sorted([repro, "tiny-exp", sweep]), top
 
     server = UiServer(env, free_port(), tmp_path / "ui.log")
     try:

@@ -29,6 +29,7 @@ from mnist_pipeline.core.config import load_config
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.experiments import compare, sweep_tracking, ui
 from mnist_pipeline.stages.runner import ensure_processed, run_pipeline
+from mnist_pipeline.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class SweepCallback(Callback):
         swept = " ".join(o for o in overrides if any(c in o for c in ",()"))
         name = f"sweep {started:%m-%d %H:%M:%S}" + (f": {swept}" if swept else "")
         parent = sweep_tracking.open_parent(sweep_dir, experiment, sweep_id, overrides, name)
+        # The data prepared above (if it was not already): its runs fold under the sweep's
+        # parent in mlflow ui, one row per sweep, never beside it.
+        experiment_id = tracking.ensure_experiment(experiment)
+        tracking.adopt_data_runs(experiment_id, names.pipeline_run_name(), parent)
         log.info("sweep %s: MLflow parent run %s", sweep_id, parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -23,6 +23,7 @@ from mnist_pipeline.tracking.logged import (
 )
 from mnist_pipeline.tracking.runs import (
     JobContext,
+    adopt_data_runs,
     close_dead_runs,
     dead_run_reason,
     delete_run,
@@ -51,6 +52,7 @@ from mnist_pipeline.tracking.store import (
 __all__ = [
     "EXPERIMENT_TAGS",
     "JobContext",
+    "adopt_data_runs",
     "check_sqlite_store",
     "check_store",
     "client",
