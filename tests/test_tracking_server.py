@@ -23,7 +23,7 @@ from mnist_pipeline.tracking import server as tracking_server
 from tests.helpers.cli import exit_code
 from tests.helpers.config import sha_overrides
 from tests.helpers.processes import run_pipeline
-from tests.helpers.services import MlflowServer, Postgres, require_extra
+from tests.helpers.services import MlflowServer, Postgres, require_extra, started
 
 pytestmark = pytest.mark.heavy
 
@@ -190,3 +190,34 @@ def test_server_without_the_extra_says_what_to_install(capsys, monkeypatch):
         tracking_server.main(["--backend-store-uri", "postgresql://u:p@127.0.0.1/db"])
     assert exit_info.value.code == 1
     assert "the project's optional `server` extra: make server" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_make_server_runs_mlflow_server_on_any_store_mlflow_knows(tmp_path):
+    """`make server` on a SQLite store (a team's first server, before PostgreSQL): the real
+    command prints where it listens and what to export, then is `mlflow server` itself."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_pipeline.tracking_server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = tmp_path / "server.log"
+    server = started(command, f"http://127.0.0.1:{port}/health", dict(os.environ), log, 180)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert api(url, "mlflow/experiments/search", {"max_results": 10})["experiments"]
+    finally:
+        server.stop()
+    printed = log.read_text()
+    assert f"MLflow tracking server: {url} (runs in sqlite:///" in printed, printed[-2000:]
+    assert f"export MLFLOW_TRACKING_URI={url}" in printed
+    assert (tmp_path / "artifacts").is_dir() and (tmp_path / "server.db").is_file()

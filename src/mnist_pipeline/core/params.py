@@ -161,7 +161,3 @@ def main(argv: list[str] | None = None) -> int:
     atomic.write_bytes(target, text.encode())
     print(f"wrote {target}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ Reads the configured MLflow store (``MLFLOW_TRACKING_URI`` or the project's own)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +253,3 @@ def main(argv: list[str] | None = None) -> int:
         print(to_text(table))
         write_outputs(table, runs, args.markdown, args.csv, args.plot)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,7 +156,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in report["differences"]:
         print(f"  {line}")
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -291,7 +291,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         server.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -132,7 +132,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print(line)
     return 1 if errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

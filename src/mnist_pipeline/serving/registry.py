@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -363,7 +362,3 @@ def main(argv: list[str] | None = None) -> int:
         f"models:/{cfg.registry.model_name}@{CANDIDATE})"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

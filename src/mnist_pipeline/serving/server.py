@@ -78,7 +78,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"+ MLFLOW_TRACKING_URI={uri} mlflow {' '.join(serve)}", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "mlflow", *serve]
     os.execve(sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": uri})
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -256,7 +256,3 @@ def _verified(path: Path, expected: str) -> bool:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(download, cfg)
-
-
-if __name__ == "__main__":
-    main()

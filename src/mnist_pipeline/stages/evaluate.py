@@ -171,7 +171,3 @@ def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(evaluate, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -144,7 +144,3 @@ def preprocess(cfg: PipelineConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(preprocess, cfg)
-
-
-if __name__ == "__main__":
-    main()

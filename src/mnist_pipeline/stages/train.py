@@ -263,7 +263,3 @@ def plot_history(path: Path, history: dict[str, list[float]]) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(train, cfg)
-
-
-if __name__ == "__main__":
-    main()

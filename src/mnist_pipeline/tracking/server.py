@@ -135,7 +135,3 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     os.execv(command[0], command)
-
-
-if __name__ == "__main__":
-    main()
