@@ -4,6 +4,7 @@ waited for until it answers, stopped with every process of its group."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 
@@ -16,7 +17,8 @@ from mnist_pipeline.core.supervised import Server, ServerExited, free_port
 def test_a_server_that_answers_is_up_and_stops_with_its_children(tmp_path):
     port = free_port()
     # A shell leader with the real server as its child, as `mlflow server` has its workers.
-    command = ["sh", "-c", f"{sys.executable} -m http.server {port} --bind 127.0.0.1 & wait"]
+    python = shlex.quote(sys.executable)  # the project may sit under a path with a space
+    command = ["sh", "-c", f"{python} -m http.server {port} --bind 127.0.0.1 & wait"]
     with Server(command, f"http://127.0.0.1:{port}/", cwd=tmp_path) as server:
         assert server.wait_until_up(timeout_s=60) < 60
         children = psutil.Process(server.process.pid).children(recursive=True)
