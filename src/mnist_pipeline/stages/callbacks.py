@@ -8,7 +8,7 @@ import keras
 
 from mnist_pipeline import tracking
 
-log = logging.getLogger("mnist_pipeline.train")
+log = logging.getLogger("mnist_pipeline.stages.train")  # the stage's own log lines
 
 
 class EpochLogger(keras.callbacks.Callback):

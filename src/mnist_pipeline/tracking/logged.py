@@ -113,13 +113,17 @@ class _PipVersionFilter(logging.Filter):
 
 @contextmanager
 def no_pip_version_warning() -> Iterator[None]:
-    """MLflow warns that it cannot find pip's version when it writes the model's conda.yaml;
-    uv-made environments have no pip, and the model's requirements are given explicitly,
-    so the warning says nothing to act on."""
+    """MLflow warns that it cannot find pip's version when it writes the model's conda.yaml,
+    and says it found a uv project: uv-made environments have no pip, and the model's
+    requirements are given explicitly, so neither says anything to act on."""
     logger = logging.getLogger("mlflow.utils.environment")
+    uv_logger = logging.getLogger("mlflow.utils.uv_utils")
     pip_filter = _PipVersionFilter()
     logger.addFilter(pip_filter)
+    level = uv_logger.level
+    uv_logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.removeFilter(pip_filter)
+        uv_logger.setLevel(level)
