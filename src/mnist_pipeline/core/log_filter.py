@@ -115,12 +115,16 @@ def quiet_progress() -> bool:
     return False
 
 
-def quiet_command(native: bool = True) -> None:
+def quiet_command(native: bool = True, level: int | None = None) -> None:
     """The user-facing commands (``register``, ``predict``, ``compare``, ``serve``,
     ``reproduce``) print what they did, not the libraries' start-up: TensorFlow's native noise
     is filtered as in the stages, MLflow's INFO chatter and progress bars are off (warnings and
     errors still show). ``MNIST_PIPELINE_DEBUG=1`` shows everything. ``native=False`` for a
-    command that execs another program: the filter's thread would not survive the exec."""
+    command that execs another program: the filter's thread would not survive the exec.
+    ``level``: also configure the root logger (``register``, ``predict``: warnings as
+    ``WARNING name: message``)."""
+    if level is not None:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get(DEBUG_ENV):
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -14,6 +14,7 @@ is 1 if any file failed.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a .keras file or an MLflow model URI (default: {DEFAULT_MODEL})",
     )
     args = parser.parse_args(argv)
-    log_filter.quiet_command()
+    log_filter.quiet_command(level=logging.WARNING)
     with exit_on_error():
         classify = load_classifier(args.model)
         lines, errors = predict_files(args.paths, classify)

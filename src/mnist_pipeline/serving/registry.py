@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.force or args.version) and not args.promote:
         parser.error("--force and --version go with --promote")
-    log_filter.quiet_command()
+    log_filter.quiet_command(level=logging.WARNING)
     with exit_on_error(store=tracking.store_label):
         from mnist_pipeline.core.params import pipeline_config  # Hydra: only when needed
 

@@ -41,7 +41,7 @@ def apply() -> None:
     import mlflow.store.db.utils as db_utils
 
     original = db_utils._make_parent_dirs_if_sqlite
-    if not affected() or getattr(original, "__wrapped__", None) is not None:
+    if getattr(original, "__wrapped__", None) is not None or not affected():  # once a process
         return
 
     def make_parent_dirs(db_uri: str) -> None:
