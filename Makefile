@@ -25,8 +25,15 @@ EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 VENV_HOME := $(shell sed -n '1s|^\#!\(.*\)/bin/python[0-9.]*$$|\1|p' $(VENV)/bin/dvc 2>/dev/null)
 VENV_MOVED := $(if $(VENV_HOME),$(filter-out $(CURDIR)/$(VENV),$(VENV_HOME)))
 
+# `dvc plots show`/`diff` pages that open offline: DVC's own page loads the Vega scripts from a
+# CDN; this one carries them (tools/plots_page.py, set in .dvc/config.local).
+PLOTS_PAGE := .dvc/tmp/offline-plots.html
+
 ## Set up .venv/ from uv.lock (every target does this first).
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
+
+$(PLOTS_PAGE): | $(STAMP)
+	python tools/plots_page.py
 
 # --inexact: a sync adds what a target needs and removes nothing, so switching between
 # targets never uninstalls and reinstalls an extra.

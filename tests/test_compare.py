@@ -99,54 +99,48 @@ def test_filter_string_and_errors(known_runs):
         compare.runs_table(runs, sort="speed")
 
 
-def test_plot_draws_each_runs_numbers(known_runs, tmp_path, monkeypatch):
+def test_plot_draws_each_runs_numbers(known_runs, tmp_path):
     """Left: train and test accuracy per run, as bars named by the params that differ, or
     as lines against the one param that does; right: every run's per-epoch accuracy."""
-    from PIL import Image
-
-    from mnist_pipeline.stages import charts
-
-    drawn = []
-    render = charts.render
-
-    def recording(panels, size):
-        drawn.append(panels)
-        return render(panels, size)
-
-    monkeypatch.setattr(charts, "render", recording)
     runs = compare.select_runs(sweep_id="s1")
     table = compare.runs_table(runs)
-    compare.plot(table, runs, tmp_path / "g.png")
-    with Image.open(tmp_path / "g.png") as image:
-        assert image.size == (1200, 450)
-    bars, curves = drawn[-1]
-    assert isinstance(bars, charts.BarPanel)
-    assert list(bars.categories) == [
+    spec = compare.gap_spec(table, runs)
+    bars, curves = spec["hconcat"]
+    assert bars["mark"]["type"] == "bar" and bars["encoding"]["x"]["sort"] == [
         "units=512, epochs=20",
         "units=512, epochs=5",
         "units=128, epochs=5",
     ]
-    assert [(label, list(values)) for label, values in bars.groups] == [
-        ("train_accuracy", [1.0, 0.99, 0.98]),
-        ("test_accuracy", [0.981, 0.978, 0.970]),
+    assert [(p["x"], p["metric"], p["accuracy"]) for p in bars["data"]["values"]] == [
+        ("units=512, epochs=20", "train_accuracy", 1.0),
+        ("units=512, epochs=20", "test_accuracy", 0.981),
+        ("units=512, epochs=5", "train_accuracy", 0.99),
+        ("units=512, epochs=5", "test_accuracy", 0.978),
+        ("units=128, epochs=5", "train_accuracy", 0.98),
+        ("units=128, epochs=5", "test_accuracy", 0.970),
     ]
-    assert [(s.label, list(s.xs)) for s in curves.series] == [
-        ("units=512, epochs=20", list(range(1, 21))),
-        ("units=512, epochs=5", [1, 2, 3, 4, 5]),
-        ("units=128, epochs=5", [1, 2, 3, 4, 5]),
-    ]
-    assert curves.series[0].ys[-1] == pytest.approx(1.0)
+    by_run: dict[str, list] = {}
+    for point in curves["data"]["values"]:
+        by_run.setdefault(point["run"], []).append(point)
+    assert {run: [p["epoch"] for p in points] for run, points in by_run.items()} == {
+        "units=512, epochs=20": list(range(1, 21)),
+        "units=512, epochs=5": [1, 2, 3, 4, 5],
+        "units=128, epochs=5": [1, 2, 3, 4, 5],
+    }
+    assert by_run["units=512, epochs=20"][-1]["accuracy"] == pytest.approx(1.0)
 
     # One numeric param differs (epochs): lines against it, in its order.
     runs = compare.select_runs(experiment="cmp", filter_string="params.model.units = '512'")
-    compare.plot(compare.runs_table(runs), runs, tmp_path / "g.png")
-    lines, _ = drawn[-1]
-    assert isinstance(lines, charts.LinePanel) and lines.xlabel == "train.epochs"
-    assert lines.integer_x
-    assert [(s.label, list(s.xs), list(s.ys)) for s in lines.series] == [
-        ("train_accuracy", [5, 20], [0.99, 1.0]),
-        ("test_accuracy", [5, 20], [0.978, 0.981]),
+    lines, _ = compare.gap_spec(compare.runs_table(runs), runs)["hconcat"]
+    assert lines["mark"]["type"] == "line" and lines["encoding"]["x"]["title"] == "train.epochs"
+    assert [(p["x"], p["metric"], p["accuracy"]) for p in lines["data"]["values"]] == [
+        (5, "train_accuracy", 0.99),
+        (5, "test_accuracy", 0.978),
+        (20, "train_accuracy", 1.0),
+        (20, "test_accuracy", 0.981),
     ]
+    compare.plot(compare.runs_table(runs), runs, tmp_path / "g.png")  # vl-convert draws it
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_table_shows_headline_metrics_only():

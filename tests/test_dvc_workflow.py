@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,43 +193,75 @@ def test_experiment_table_and_provenance(project):
     assert "identical" in reproduced.stdout
 
 
-def test_plots_draw_offline(project, tmp_path):
+def test_plots_diff_overlays_the_experiments_curves(project):
+    """`dvc plots diff HEAD <exp>`: both revisions' points in one training-curve plot (the
+    linear template over train_history.csv), and both confusion matrices."""
     repo, env, _ = project
+    shown = json.loads(
+        dvc(["dvc", "plots", "diff", "HEAD", "two-epochs", "--json"], repo, env).stdout
+    )
+    assert not shown.get("errors"), shown["errors"]
+    (accuracy,) = shown["data"]["Accuracy per epoch"]
+    assert sorted(accuracy["revisions"]) == ["HEAD", "two-epochs"]
+    points = accuracy["content"]["data"]["values"]
+    epochs = {
+        rev: sorted(int(p["epoch"]) for p in points if p["rev"] == rev and p["field"] == "accuracy")
+        for rev in ("HEAD", "two-epochs")
+    }
+    assert epochs == {"HEAD": [1], "two-epochs": [1, 2]}
+    assert {p["val_accuracy"] for p in points} == {"NaN"}  # no validation split: no line
+    history = (repo / "reports/train_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,accuracy,loss,val_accuracy,val_loss"
+    (confusion,) = shown["data"]["Test confusion matrix"]
+    cells = confusion["content"]["data"]["values"]
+    assert {c["rev"] for c in cells} == {"HEAD", "two-epochs"}
+    test_size = len((repo / "reports/test_predictions.csv").read_text().splitlines()) - 1
+    assert [sum(c["rev"] == rev for c in cells) for rev in ("HEAD", "two-epochs")] == [
+        test_size
+    ] * 2
+
+
+def test_plots_page_opens_offline(project, tmp_path):
+    """After `make setup`'s tools/plots_page.py, `dvc plots diff` writes a page that draws
+    every chart with the network refused (DVC's own page loads Vega from a CDN)."""
+    repo, env, _ = project
+    dvc([sys.executable, str(PROJECT_ROOT / "tools/plots_page.py"), str(repo)], repo, env)
     out = tmp_path / "plots"
     dvc(["dvc", "plots", "diff", "HEAD", "two-epochs", "-o", str(out)], repo, env)
     page = (out / "index.html").read_text()
-    assert "cdn.jsdelivr" not in page and "<script" not in page
-    images = draw(out / "index.html")
-    # Both revisions' training history and confusion matrix, every one drawn.
-    assert len(images) == 4, images
-    assert all(width > 100 for _, width in images), images
-    names = " ".join(src for src, _ in images)
-    assert names.count("train_history.png") == 2 and names.count("confusion_matrix.png") == 2
+    assert "cdn.jsdelivr" not in page and not re.search(r"<script[^>]+src=", page)
+    charts, errors = draw(out / "index.html")
+    assert errors == []
+    assert charts == 3  # accuracy, loss, the confusion matrices
 
 
-def draw(page: Path) -> list[tuple[str, int]]:
-    """Open ``page`` in Chromium with every network request refused; return each image's
-    source and drawn width (0 = it did not load)."""
+def draw(page: Path) -> tuple[int, list[str]]:
+    """Open ``page`` in Chromium with every network request refused; return how many Vega
+    charts it drew and the page's errors (a script that failed, a request refused)."""
     if not Path("/usr/bin/chromium").exists():
         if os.environ.get("MNIST_REQUIRE_SERVICES"):
             pytest.fail("chromium is not installed (apt-get install -y chromium)")
         pytest.skip("chromium is not installed")
     from playwright.sync_api import sync_playwright
 
+    errors: list[str] = []
+
+    def only_files(route) -> None:
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            errors.append(f"request refused: {route.request.url}")
+            route.abort()
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium")
         try:
             context = browser.new_context(offline=True)
-            context.route(
-                "**/*",
-                lambda route: (
-                    route.continue_() if route.request.url.startswith("file:") else route.abort()
-                ),
-            )
+            context.route("**/*", only_files)
             tab = context.new_page()
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
             tab.goto(page.as_uri(), wait_until="load")
-            return tab.eval_on_selector_all(
-                "img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])"
-            )
+            tab.wait_for_selector(".vega-embed svg, .vega-embed canvas", timeout=15_000)
+            return tab.locator(".vega-embed svg.marks, .vega-embed canvas.marks").count(), errors
         finally:
             browser.close()

@@ -110,6 +110,8 @@ def make_project(folder: Path, env: dict) -> None:
     folder.mkdir()
     for name in ("Makefile", "pyproject.toml", "uv.lock"):
         shutil.copy(PROJECT_ROOT / name, folder / name)
+    (folder / "tools").mkdir()
+    (folder / "tools" / "plots_page.py").write_text("")  # setup's other step: not this test's
     subprocess.run(["make", "-s", "setup"], cwd=folder, env=env, check=True, capture_output=True)
     (folder / ".venv" / "marker").write_text("built here\n")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.params import compose_params
-from mnist_pipeline.core.supervised import free_port
+from mnist_pipeline.core.supervised import Server, free_port
 from mnist_pipeline.experiments import ui
 from mnist_pipeline.tracking import names
 from tests.helpers.config import edit_yaml
@@ -186,18 +186,17 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 def fill_store(root: Path, mirror: Path, sha: dict[str, str]) -> tuple[Path, dict]:
     """What a user does after cloning, on tiny data: `dvc repro`, a `dvc exp run` and a
-    2-job sweep, all into one SQLite store in a folder with a space."""
-    repo = copy_project(root / "repo", commit=False)
+    2-job sweep, all into the project's own store (``mlflow.db`` in the project, where a
+    plain `mlflow ui` there finds it), in a folder with a space."""
+    repo = copy_project(root / "my project", commit=False)
     edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
     edit_yaml(repo / "conf/train/default.yaml", epochs=1)
     edit_yaml(repo / "conf/model/mlp.yaml", units=32)
     (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
-    store = root / "mlflow store"
-    store.mkdir()
     env = {
         **os.environ,
         "MNIST_MIRROR": str(mirror),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",  # the default, spelled out
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": "src",
         **GIT_IDENTITY,
@@ -400,6 +399,52 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
     finally:
         server.close()
     assert server.process.returncode == 0, server.printed
+
+
+@pytest.mark.slow
+def test_plain_mlflow_ui_in_the_activated_environment(filled, tmp_path):
+    """`source .venv/bin/activate && mlflow ui` in the project: MLflow's own command, its own
+    defaults (./mlflow.db, four workers). A person opens the address, the experiment, clicks
+    "Model training" when MLflow opens it in GenAI mode, and sees one row per pipeline run."""
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = chromium_or_skip()
+    repo, env = filled
+    runs = runs_by_name(env)
+    repro = next(n for n in runs if re.fullmatch(r"repro \d\d-\d\d \d\d:\d\d:\d\d", n))
+    venv_bin = str(Path(sys.executable).parent)
+    activated = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+    activated |= {
+        "VIRTUAL_ENV": str(Path(venv_bin).parent),
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+    }
+    port = free_port()
+    with (
+        (tmp_path / "mlflow-ui.log").open("w") as log,
+        Server(
+            ["mlflow", "ui", "--port", str(port)],
+            f"http://127.0.0.1:{port}/health",
+            env=activated,
+            cwd=repo,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ) as server,
+    ):
+        server.wait_until_up(timeout_s=180)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            page = browser.new_context(viewport={"width": 1400, "height": 760}).new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("link", name="mnist", exact=True).first.click(timeout=90_000)
+            switch = page.get_by_text("Model training", exact=True).first
+            switch.wait_for(timeout=60_000)
+            switch.click()
+            expect(page.get_by_role("link", name=repro, exact=True)).to_be_visible(timeout=60_000)
+            for name in ("tiny-exp", *(n for n in runs if n.startswith("sweep ") and "(" not in n)):
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+            for stage in ("download", "preprocess"):  # folded under their pipeline run
+                assert page.get_by_role("link", name=f"{repro} ({stage})").count() == 0
+            browser.close()
 
 
 def _shot(page, path: Path) -> None:

@@ -88,7 +88,7 @@ def test_dirty_check_ignores_what_dvc_manages(tmp_path, monkeypatch):
     git_commit(tmp_path)
     monkeypatch.chdir(tmp_path / "reports")  # anywhere in the repository
 
-    assert "reports/train_history.png" in managed_paths(tmp_path)  # from dvc.yaml's ${paths}
+    assert "reports/test_predictions.csv" in managed_paths(tmp_path)  # from dvc.yaml's ${paths}
     for name in ("metrics.json", "data.json", "train_history.csv"):
         (tmp_path / "reports" / name).unlink()  # what DVC does before a stage runs
     (tmp_path / "dvc.lock").write_text("changed\n")

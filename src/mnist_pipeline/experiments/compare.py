@@ -18,10 +18,9 @@ from typing import Any
 import pandas as pd
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic, log_filter
+from mnist_pipeline.core import atomic, figures, log_filter
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.experiments import sweep_tracking
-from mnist_pipeline.stages import charts
 
 #: The table's metric columns, in reading order: ``artifacts.HEADLINE_METRICS`` but
 #: ``train_loss`` (the table stays within a terminal's width).
@@ -158,41 +157,73 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def plot(table: pd.DataFrame, runs: list[Any], path: Path) -> None:
-    """Left: train and test accuracy per run (against the swept param when there is just
-    one). Right: the per-epoch training accuracy of every run, overlaid."""
+    """The gap picture (PNG): ``gap_spec`` drawn by vl-convert."""
+    figures.save_png(gap_spec(table, runs), path)
+
+
+def gap_spec(table: pd.DataFrame, runs: list[Any]) -> dict[str, Any]:
+    """A Vega-Lite spec. Left: train and test accuracy per run, as bars named by the params
+    that differ, or as lines against the one param that does when it is a number. Right:
+    the per-epoch training accuracy of every run, overlaid."""
     shown = {"run", "run_id", "duration_s", *HEADLINE, *SEARCH_METRICS}
     params = [c for c in table.columns if c not in shown]
     by_id = {r.info.run_id: r for r in runs}
     names = [
         _label(row, params) or by_id[row["run_id"]].info.run_name for _, row in table.iterrows()
     ]
-    title = "Train vs test accuracy (the gap)"
+    metrics = ("train_accuracy", "test_accuracy")
+    size = {"width": 480, "height": 340}
+    accuracy = {"field": "accuracy", "type": "quantitative", "scale": {"zero": False}}
+    colour = {"field": "metric", "type": "nominal", "sort": list(metrics)}
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
-        ordered = table.sort_values(params[0])
-        series = [
-            charts.Series(metric, list(ordered[params[0]]), list(ordered[metric]), marker=marker)
-            for metric, marker in (("train_accuracy", "o"), ("test_accuracy", "s"))
+        points = [
+            {"x": float(row[params[0]]), "metric": m, "accuracy": float(row[m])}
+            for _, row in table.sort_values(params[0]).iterrows()
+            for m in metrics
         ]
-        integer = pd.api.types.is_integer_dtype(table[params[0]])
-        left: charts.Panel = charts.LinePanel(
-            title, params[0], "accuracy", series, integer_x=integer
-        )
+        x = {"field": "x", "type": "quantitative", "title": params[0], "scale": {"zero": False}}
+        if pd.api.types.is_integer_dtype(table[params[0]]):
+            x["axis"] = {"tickMinStep": 1, "format": "d"}
+        encoding = {"x": x, "y": accuracy, "color": colour}
+        mark: Any = {"type": "line", "point": True}
     else:
-        metrics = ("train_accuracy", "test_accuracy")
+        points = [
+            {"x": name, "metric": m, "accuracy": float(row[m])}
+            for name, (_, row) in zip(names, table.iterrows(), strict=True)
+            for m in metrics
+        ]
+        x = {"field": "x", "type": "nominal", "title": None, "sort": names}
+        x["axis"] = {"labelAngle": -30, "labelLimit": 200}
+        mark = {"type": "bar", "clip": True}
         low = min(table["test_accuracy"].min(), table["train_accuracy"].min())
-        groups = [(m, list(table[m])) for m in metrics]
-        ylim = (max(0.0, low - 0.02), 1.0)
-        left = charts.BarPanel(title, "", "accuracy", names, groups, ylim)
+        bars = {**accuracy, "scale": {"domain": [max(0.0, low - 0.02), 1.0]}}
+        offset = {"field": "metric", "sort": list(metrics)}  # the two bars side by side
+        encoding = {"x": x, "y": bars, "color": colour, "xOffset": offset}
+    title = "Train vs test accuracy (the gap)"
+    left = {"title": title, "data": {"values": points}, "mark": mark, "encoding": encoding, **size}
 
     client = tracking.client()
-    curves = []
-    for name, run_id in zip(names, table["run_id"], strict=True):
-        steps = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "accuracy"))
-        if steps:
-            curves.append(charts.Series(name, [s for s, _ in steps], [v for _, v in steps]))
-    ylabel = "training accuracy (running average)"
-    right = charts.LinePanel("Learning curves", "epoch", ylabel, curves, integer_x=True)
-    charts.save(charts.render([left, right], size=(1200, 450)), path)
+    curves = [
+        {"run": name, "epoch": m.step, "accuracy": m.value}
+        for name, run_id in zip(names, table["run_id"], strict=True)
+        for m in sorted(client.get_metric_history(run_id, "accuracy"), key=lambda m: m.step)
+    ]
+    right = {
+        "title": "Learning curves",
+        "data": {"values": curves},
+        "mark": {"type": "line", "point": True},
+        "encoding": {
+            "x": {
+                "field": "epoch",
+                "type": "quantitative",
+                "axis": {"tickMinStep": 1, "format": "d"},
+            },
+            "y": {**accuracy, "title": "training accuracy (running average)"},
+            "color": {"field": "run", "type": "nominal", "sort": names},
+        },
+        **size,
+    }
+    return {"hconcat": [left, right], "resolve": {"scale": {"color": "independent"}}}
 
 
 def _label(row: pd.Series, params: list[str]) -> str:

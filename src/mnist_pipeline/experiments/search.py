@@ -11,7 +11,6 @@ are the sweep machinery's (``mnist_pipeline.sweep_runs``).
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import logging
 import math
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
+from mnist_pipeline.core import atomic
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import project_root
 from mnist_pipeline.experiments import sweep_tracking
-from mnist_pipeline.stages import charts
 from mnist_pipeline.tracking import address
 
 log = logging.getLogger(__name__)
@@ -268,53 +267,30 @@ def report_study(study: Any, info: dict[str, str], objective: Objective, storage
 
 
 def write_figures(study: Any, folder: Path, target_name: str) -> list[Path]:
-    """The study's optimisation history and parameter importances, as PNG (Optuna's own
-    figures need Matplotlib). A figure with nothing to show (no finished trial yet) is
-    skipped, with a warning."""
-    written = []
+    """Optuna's own optimisation-history and parameter-importance figures, as HTML pages
+    with plotly's script inside (``mlflow ui`` shows them in the run's artifacts, offline
+    too; about 5 MB each). With no finished trial yet there is nothing to show: none is
+    written, with a warning. Importances by PedANOVA: Optuna 4's default, fANOVA, needs
+    scikit-learn, which .venv leaves out."""
+    import optuna
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        log.warning("no optimization_history.html or param_importances.html: no finished trial")
+        return []
     figures = {
-        "optimization_history.png": _history_panel,
-        "param_importances.png": _importances_panel,
+        "optimization_history.html": lambda: optuna.visualization.plot_optimization_history(
+            study, target_name=target_name
+        ),
+        "param_importances.html": lambda: optuna.visualization.plot_param_importances(
+            study,
+            evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+            target_name=target_name,
+        ),
     }
-    for name, panel in figures.items():
-        try:
-            image = charts.render([panel(study, target_name)], size=(800, 500))
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            log.warning("no %s: %s", name, exc)
-            continue
-        charts.save(image, folder / name)
+    written = []
+    for name, draw in figures.items():
+        figure = draw()
+        with atomic.atomic_path(folder / name) as tmp:
+            figure.write_html(tmp, include_plotlyjs=True, full_html=True)
         written.append(folder / name)
     return written
-
-
-def _history_panel(study: Any, target_name: str) -> charts.LinePanel:
-    """Each finished trial's objective value, and the best value so far in the study's
-    direction (what Optuna's own optimisation-history plot shows)."""
-    import optuna
-
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not trials:
-        raise ValueError("no finished trial")
-    numbers, values = [t.number for t in trials], [t.value for t in trials]
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    best = list(itertools.accumulate(values, pick))
-    series = [
-        charts.Series("objective value", numbers, values, line=False),
-        charts.Series("best value", numbers, best, marker=None),
-    ]
-    return charts.LinePanel("Optimization history", "trial", target_name, series, integer_x=True)
-
-
-def _importances_panel(study: Any, target_name: str) -> charts.HBarPanel:
-    """Optuna's parameter importances by PedANOVA (named: Optuna 4's default, fANOVA, needs
-    scikit-learn, which .venv leaves out), the most important on top. No ``target``: with
-    one, PedANOVA would take a lower value as better whatever the study's direction."""
-    import optuna
-
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    if not importances:
-        raise ValueError("no parameter importances (too few finished trials)")
-    title = "Hyperparameter importances"
-    names, values = list(importances), list(importances.values())
-    return charts.HBarPanel(title, f"importance for {target_name}", names, values)

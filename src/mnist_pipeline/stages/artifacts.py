@@ -47,6 +47,10 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 HISTORY_FILE = "train_history.csv"
+# The history's columns whether or not a validation split was held out (NaN then: Vega
+# draws no line for it): dvc.yaml's plots name them, and DVC shows nothing for a plot whose
+# field one of the compared revisions lacks.
+HISTORY_COLUMNS = ("accuracy", "loss", "val_accuracy", "val_loss")
 #: The six headline numbers of evaluate's reports/metrics.json (written with sorted keys):
 #: what a run is judged and compared by (``val_*`` join them when ``data.val_split`` > 0).
 HEADLINE_METRICS = (
@@ -223,10 +227,13 @@ def clear_run_ref(folder: Path) -> None:
 
 
 def write_history(folder: Path, history: dict[str, list[float]], outputs: atomic.Staged) -> None:
-    """Per-epoch curves as CSV, the format DVC plots read."""
-    keys = sorted(history)
+    """Per-epoch curves as CSV, the format DVC plots read: ``HISTORY_COLUMNS``, then any
+    other metric Keras recorded."""
+    keys = [*HISTORY_COLUMNS, *sorted(set(history) - set(HISTORY_COLUMNS))]
     with open(outputs.path(folder / HISTORY_FILE), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", *keys])
-        for i in range(len(history[keys[0]])):
-            writer.writerow([i + 1, *(f"{history[k][i]:.6f}" for k in keys)])
+        for i in range(len(history["loss"])):
+            writer.writerow(
+                [i + 1, *(f"{history[k][i]:.6f}" if k in history else "NaN" for k in keys)]
+            )

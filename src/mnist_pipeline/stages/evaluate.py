@@ -2,14 +2,13 @@
 
 Writes one metrics file with the headline train and test numbers side by side (``dvc metrics
 show``, ``dvc exp show``), the per-class accuracies beside it as a plain output (too many
-columns for a table), the confusion matrix as a PNG (a DVC image plot: draws offline) and as
-one row per test image, and adds all of it to the train stage's MLflow run, so one run in
-``mlflow ui`` holds the whole result. Every form of the confusion matrix has the same
-orientation: rows (y) are the actual class, columns (x) the predicted class.
+columns for a table), one row per test image (DVC's confusion plot in dvc.yaml), and adds it
+all to the train stage's MLflow run with the confusion matrix as numbers and as a picture, so
+one run in ``mlflow ui`` holds the whole result. Every form of the confusion matrix has the
+same orientation: rows (y) are the actual class, columns (x) the predicted class.
 
 Reads:    models/ (the train stage's model and run.json), data/processed/ (the test split)
-Writes:   reports/metrics.json, reports/per_class.json, reports/confusion_matrix.png,
-          reports/test_predictions.csv
+Writes:   reports/metrics.json, reports/per_class.json, reports/test_predictions.csv
 Logs:     to the train stage's MLflow run: test_accuracy, test_loss, accuracy_gap,
           per-class accuracy, confusion_matrix.{json,png}
 Main keys: none of its own (paths.*); it evaluates whatever the train stage saved
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,11 +27,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic, log_filter
+from mnist_pipeline.core import atomic, figures, log_filter
 from mnist_pipeline.core.config import PipelineConfig
 from mnist_pipeline.core.params import ParamsGuard
 from mnist_pipeline.core.project import CONF_DIR, stage_params
-from mnist_pipeline.stages import artifacts, charts
+from mnist_pipeline.stages import artifacts
 from mnist_pipeline.stages.artifacts import NUM_CLASSES
 from mnist_pipeline.stages.cli import run_stage
 
@@ -126,15 +126,16 @@ def evaluate(cfg: PipelineConfig) -> dict:
     with atomic.staged() as outputs, tracking.start_run(cfg, "evaluate", run_id=run["run_id"]):
         metrics_file = outputs.path(reports / METRICS_FILE)
         per_class_file = outputs.path(reports / PER_CLASS_FILE)
-        png = outputs.path(reports / CONFUSION_PNG)
         atomic.write_json(metrics_file, result)
         atomic.write_json(per_class_file, per_class_report)
         write_predictions(outputs.path(reports / PREDICTIONS_FILE), y_test, predicted)
-        plot_confusion(png, matrix, test_accuracy)
         tracking.log_metrics({k: v for k, v in headline.items() if k.startswith(("test", "acc"))})
         tracking.log_metrics({f"test_accuracy_class_{c}": a for c, a in enumerate(per_class)})
         tracking.log_dict(confusion_json(matrix), CONFUSION_JSON)
-        tracking.log_artifact(png)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / CONFUSION_PNG
+            plot_confusion(png, matrix, test_accuracy)
+            tracking.log_artifact(png)
         tracking.log_artifact(metrics_file)
         tracking.log_artifact(per_class_file)
         guard.check(run.get("params_yaml"), what="the model was trained")
@@ -161,11 +162,39 @@ def write_predictions(path: Path, actual: np.ndarray, predicted: np.ndarray) -> 
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, accuracy: float) -> None:
-    """The matrix as confusion_matrix.json has it: row i actual class i, column j predicted
-    class j, each count written in its cell."""
-    title = f"Test confusion matrix (accuracy {accuracy:.4f})"
-    image = charts.heatmap(matrix, title, "predicted", "actual", size=(650, 550))
-    charts.save(image, path)
+    """The matrix as confusion_matrix.json has it (row: actual class, column: predicted),
+    each count in its cell, for the MLflow run's artifacts (DVC draws its own from
+    test_predictions.csv)."""
+    cells = [
+        {"actual": a, "predicted": p, "count": int(matrix[a, p])}
+        for a in range(NUM_CLASSES)
+        for p in range(NUM_CLASSES)
+    ]
+    axis = {"type": "ordinal", "axis": {"labelAngle": 0}}
+    encoding = {"x": {"field": "predicted", **axis}, "y": {"field": "actual", **axis}}
+    spec = {
+        "title": f"Test confusion matrix (accuracy {accuracy:.4f})",
+        "data": {"values": cells},
+        "transform": [{"joinaggregate": [{"op": "max", "field": "count", "as": "most"}]}],
+        "width": 400,
+        "height": 400,
+        "encoding": encoding,
+        "layer": [
+            {"mark": "rect", "encoding": {"color": {"field": "count", "type": "quantitative"}}},
+            {
+                "mark": {"type": "text", "fontSize": 10},
+                "encoding": {
+                    "text": {"field": "count"},
+                    # White on the dark cells (more than half the largest count).
+                    "color": {
+                        "condition": {"test": "datum.count > datum.most / 2", "value": "white"},
+                        "value": "black",
+                    },
+                },
+            },
+        ],
+    }
+    figures.save_png(spec, path, scale=1)  # MLflow shows it at its size: all of it in sight
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

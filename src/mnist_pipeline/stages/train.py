@@ -9,7 +9,7 @@ Under ``train.strategy=multi_worker`` every worker fits; only the chief publishe
 writes reports, logs to MLflow; see ``distribute``).
 
 Reads:    data/processed/ (the preprocess stage's output)
-Writes:   models/ (model.keras, run.json), reports/train_history.{csv,png}
+Writes:   models/ (model.keras, run.json), reports/train_history.csv (DVC's curves)
 Logs:     an MLflow run `train`: the whole config, loss/accuracy per epoch, fit/train
           accuracy, the data hash, git commit and versions, the model
 Main keys: model.{layers,units,activation,dropout,l2}, optimizer=rmsprop|adam|sgd,
@@ -34,7 +34,7 @@ from mnist_pipeline.core.config import PipelineConfig
 from mnist_pipeline.core.errors import PipelineError
 from mnist_pipeline.core.params import ParamsGuard
 from mnist_pipeline.core.project import CONF_DIR, stage_params
-from mnist_pipeline.stages import artifacts, charts, distribute, footprint
+from mnist_pipeline.stages import artifacts, distribute, footprint
 from mnist_pipeline.stages.cli import run_stage
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
-
-HISTORY_PNG = "train_history.png"
 
 
 def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[str, float]:
@@ -221,7 +219,6 @@ def publish(
         # in MLflow is then the final model's, not the last epoch's.
         tracking.log_metrics(final_val, step=metrics["epochs_run"] + 1)
     artifacts.write_history(reports, history, outputs)
-    plot_history(outputs.path(reports / HISTORY_PNG), history)
     artifacts.save_model(model, models, outputs)
     model_uri = tracking.log_keras_model(model, example)
     tracking.set_tags({"model_uri": model_uri})
@@ -239,25 +236,6 @@ def publish(
         },
         outputs,
     )
-
-
-def history_panels(history: dict[str, list[float]]) -> list[charts.LinePanel]:
-    """Accuracy and loss per epoch: training, and validation when a split was held out."""
-    epochs = list(range(1, len(history["loss"]) + 1))
-    panels = []
-    for metric in ("accuracy", "loss"):
-        series = [charts.Series(f"train {metric}", epochs, history[metric])]
-        if f"val_{metric}" in history:
-            series.append(charts.Series(f"validation {metric}", epochs, history[f"val_{metric}"]))
-        title = f"{metric.capitalize()} per epoch"
-        panels.append(charts.LinePanel(title, "epoch", metric, series, integer_x=True))
-    return panels
-
-
-def plot_history(path: Path, history: dict[str, list[float]]) -> None:
-    """The two history panels side by side: a DVC image plot, so ``dvc plots show`` draws
-    it with no network."""
-    charts.save(charts.render(history_panels(history), size=(1000, 400)), path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
