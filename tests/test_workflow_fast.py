@@ -145,6 +145,28 @@ def test_noise_filter_keeps_real_errors(tmp_path):
     assert not noise_patterns(gpu=True).search(b"failed call to cuInit: CUDA_ERROR")
 
 
+def test_noise_filter_ends_with_the_process_while_a_library_holds_fd_2():
+    """A library that keeps its own copy of fd 2 (vl-convert's runtime does) holds the
+    filter's pipe open: the filter still ends at exit, at once, and passes on a last line
+    with no newline. It once waited out a 5 s join on every such process."""
+    script = (
+        "import atexit, os, threading\n"
+        "from mnist_pipeline.core import log_filter\n"
+        "log_filter.filter_native_stderr()\n"
+        "kept = os.dup(2)\n"  # what the library does; never closed
+        "os.write(2, b'the last words, no newline')\n"
+        "atexit._run_exitfuncs()\n"
+        "alive = [t.name for t in threading.enumerate() if t.name == 'stderr-filter']\n"
+        "print('pump alive' if alive else 'pump ended')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_RAW_LOGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.stdout.strip() == "pump ended", result.stderr
+    assert result.stderr == "the last words, no newline"
+
+
 def test_make_help_lists_every_target():
     make = shutil.which("make")
     if make is None:

@@ -39,6 +39,8 @@ NO_GPU = (
 )
 
 _state: dict[str, int] = {}
+#: What ``restore`` writes last into the pipe: the pump stops there.
+_END = b"\x00mnist-pipeline: end of the stderr filter\x00\n"
 
 
 def has_nvidia_driver() -> bool:
@@ -70,15 +72,23 @@ def filter_native_stderr() -> None:
     def pump() -> None:
         with os.fdopen(read_end, "rb", buffering=0) as source:
             for line in iter_lines(source):
-                if not noise.search(line):
+                ended = line.endswith(_END)
+                line = line.removesuffix(_END)
+                if line and not noise.search(line):
                     os.write(real, line)
+                if ended:
+                    return
 
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     thread.start()
 
     def restore() -> None:
         sys.stderr.flush()
-        os.dup2(real, 2)  # closes the pipe's last write end here: the pump reads EOF
+        # The pump stops at the marker, not at EOF: a library that keeps a copy of fd 2
+        # (vl-convert's JavaScript runtime does) holds the pipe open until the process is
+        # gone, and waiting for EOF cost every such process the join's 5 s timeout.
+        os.write(2, _END)
+        os.dup2(real, 2)
         thread.join(timeout=5)
 
     atexit.register(restore)

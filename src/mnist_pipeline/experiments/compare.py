@@ -172,7 +172,7 @@ def gap_spec(table: pd.DataFrame, runs: list[Any]) -> dict[str, Any]:
         _label(row, params) or by_id[row["run_id"]].info.run_name for _, row in table.iterrows()
     ]
     metrics = ("train_accuracy", "test_accuracy")
-    size = {"width": 480, "height": 340}
+    size = {"width": 480, "height": 340}  # each half
     accuracy = {"field": "accuracy", "type": "quantitative", "scale": {"zero": False}}
     colour = {"field": "metric", "type": "nominal", "sort": list(metrics)}
     if len(params) == 1 and pd.api.types.is_numeric_dtype(table[params[0]]):
@@ -201,29 +201,29 @@ def gap_spec(table: pd.DataFrame, runs: list[Any]) -> dict[str, Any]:
         encoding = {"x": x, "y": bars, "color": colour, "xOffset": offset}
     title = "Train vs test accuracy (the gap)"
     left = {"title": title, "data": {"values": points}, "mark": mark, "encoding": encoding, **size}
+    right = _curves_spec(names, list(table["run_id"]), accuracy) | size
+    return {"hconcat": [left, right], "resolve": {"scale": {"color": "independent"}}}
 
+
+def _curves_spec(names: list[str], run_ids: list[str], accuracy: dict[str, Any]) -> dict:
+    """Every run's per-epoch training accuracy (MLflow's metric history), one line each."""
     client = tracking.client()
     curves = [
         {"run": name, "epoch": m.step, "accuracy": m.value}
-        for name, run_id in zip(names, table["run_id"], strict=True)
+        for name, run_id in zip(names, run_ids, strict=True)
         for m in sorted(client.get_metric_history(run_id, "accuracy"), key=lambda m: m.step)
     ]
-    right = {
+    epoch = {"field": "epoch", "type": "quantitative", "axis": {"tickMinStep": 1, "format": "d"}}
+    return {
         "title": "Learning curves",
         "data": {"values": curves},
         "mark": {"type": "line", "point": True},
         "encoding": {
-            "x": {
-                "field": "epoch",
-                "type": "quantitative",
-                "axis": {"tickMinStep": 1, "format": "d"},
-            },
+            "x": epoch,
             "y": {**accuracy, "title": "training accuracy (running average)"},
             "color": {"field": "run", "type": "nominal", "sort": names},
         },
-        **size,
     }
-    return {"hconcat": [left, right], "resolve": {"scale": {"color": "independent"}}}
 
 
 def _label(row: pd.Series, params: list[str]) -> str:
