@@ -241,6 +241,22 @@ def in_project(trained, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 7, 1024, 2500])
+def test_fast_path_gives_predicts_bits(in_project, n):
+    """classify calls predict_on_batch in chunks of BATCH: the same bits as Keras's
+    ``predict(batch_size=BATCH)``, for one image, a few, one full chunk and a ragged tail."""
+    from mnist_pipeline.serving import contract
+    from mnist_pipeline.stages import artifacts
+
+    model = artifacts.load_model(Path(in_project[2].paths.models))
+    x = np.random.default_rng(n).random((n, contract.PIXELS), dtype=np.float32)
+    slow = model.predict(x, batch_size=contract.BATCH, verbose=0)
+    fast = contract.classify(model, x)
+    assert np.array_equal(np.array(fast["probabilities"].tolist(), dtype=np.float32), slow)
+    assert list(fast["digit"]) == list(slow.argmax(axis=1))
+
+
+@pytest.mark.slow
 def test_register_promote_and_refuse(in_project, capsys):
     """register -> candidate; promote with no champion; a worse model is refused, and only
     --force promotes it; registering the same run twice gives the same version."""
