@@ -103,6 +103,8 @@ BENCH_STAMP := $(BENCH_VENV)/.synced
 ## The benchmark against the book's plain script (about 20 minutes).
 ## Needs MNIST_MIRROR or network access. Writes bench/results.md and bench/results.json.
 bench: setup $(BENCH_STAMP)
+	@command -v ab >/dev/null || apt-get install -y apache2-utils \
+		|| { echo "error: make bench needs ab (Debian: apt-get install apache2-utils)" >&2; exit 1; }
 	python -m bench.run --baseline-python $(BENCH_VENV)/bin/python --repeat $${REPEAT:-3}
 
 bench/requirements-tf.txt: uv.lock | $(STAMP)

@@ -3,14 +3,15 @@
 runs or times anything.
 
 ``render`` joins one function per section: the header (machine, load, baseline), the targets
-table, the table of every measurement, the notes under it, the import profiles and the earlier
-targets. Each section's lines end with a blank one.
+table, the table of every measurement, the notes under it, the import profiles, serving
+(bench/serving.py) and the earlier targets. Each section's lines end with a blank one.
 """
 
 from __future__ import annotations
 
 import statistics
 
+from bench import serving
 from bench.measure import FLOP_PER_SAMPLE, STAGES
 
 #: The targets of issue 16: (key, figure, target, stretch, unit); "x" is a ratio to the
@@ -87,6 +88,7 @@ def render(r: dict) -> str:
             *_measurements(r),
             *_notes(r),
             *_profile(r),
+            *([*serving.render(r["serving"]), ""] if "serving" in r else []),
             *_earlier(r),
         ]
     )

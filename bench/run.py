@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import serving
 from bench.measure import (
     FLOP_PER_SAMPLE,
     STAGES,
@@ -93,6 +94,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true", help="skip the 4-job sweeps")
+    parser.add_argument("--no-serving", action="store_true", help="skip the serving loads")
+    parser.add_argument(
+        "--serving-only",
+        action="store_true",
+        help="one cold dvc repro, then only the serving loads, printed",
+    )
     parser.add_argument(
         "--ui-only", action="store_true", help="only time `make ui`'s start-up, print it"
     )
@@ -354,9 +361,18 @@ def main() -> None:
         ui_only(args.repeat)
         return
     ws = set_up(args)
+    if args.serving_only:
+        clear_outputs(ws.work)
+        measure(["dvc", "repro"], ws.work, ws.env, ws.log)
+        print("\n".join(serving.render(serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp))))
+        shutil.rmtree(ws.tmp, ignore_errors=True)
+        return
     results: dict = {"machine": machine(), "repeat": args.repeat}
     with LoadSampler() as load:
         repro = time_repro(ws, args.repeat)
+        if not args.no_serving:
+            print("serving: make serve and mlflow models serve under ab ...", flush=True)
+            results["serving"] = serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp)
         ui = time_ui(ws, args.repeat)
         runs = time_baseline_and_stages(ws, args.repeat)
         imports = time_imports(ws, args.repeat)

@@ -4,16 +4,13 @@
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
-from mnist_pipeline.core.supervised import Server, free_port
 
 #: What the full `mlflow` requires and Keras imports when it finds it installed.
 LEFT_OUT = ("sklearn", "scipy", "matplotlib", "pyarrow")
@@ -33,33 +30,6 @@ def test_the_packages_left_out_are_not_installed_and_tensorflow_loads_none():
 
 
 @pytest.mark.slow
-def test_mlflow_ui_runs_in_the_activated_environment(tmp_path):
-    """`source .venv/bin/activate && mlflow ui`: the venv's own `mlflow` script, first on
-    PATH, starts a UI that answers (it stopped on `No module named 'flask'` before)."""
-    venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    port = free_port()
-    log = tmp_path / "ui.log"
-    command = [shutil.which("mlflow", path=env["PATH"]), "ui", "--port", str(port)]
-    assert command[0] == str(venv_bin / "mlflow")
-    with (
-        log.open("w") as out,
-        Server(
-            command,
-            f"http://127.0.0.1:{port}/health",
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        ) as server,
-    ):
-        try:
-            server.wait_until_up(timeout_s=180)
-        except Exception as exc:  # it exited, or never answered: its log says why
-            raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from None
-
-
 def test_a_new_lock_syncs_the_environment_exactly_and_repairs_mlflow_s_files(tmp_path):
     """An exact sync removes what the lock no longer lists; mlflow and mlflow-skinny install
     the same files, so removing one would delete the other's (seen: `import mlflow` failed

@@ -405,7 +405,9 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
 def test_plain_mlflow_ui_in_the_activated_environment(filled, tmp_path):
     """`source .venv/bin/activate && mlflow ui` in the project: MLflow's own command, its own
     defaults (./mlflow.db, four workers). A person opens the address, the experiment, clicks
-    "Model training" when MLflow opens it in GenAI mode, and sees one row per pipeline run."""
+    "Model training" when MLflow opens it in GenAI mode, and sees one row per pipeline run.
+    (It stopped on `No module named 'flask'` while MLflow's server had an environment of its
+    own.)"""
     from playwright.sync_api import expect, sync_playwright
 
     executable = chromium_or_skip()
@@ -418,11 +420,13 @@ def test_plain_mlflow_ui_in_the_activated_environment(filled, tmp_path):
         "VIRTUAL_ENV": str(Path(venv_bin).parent),
         "PATH": f"{venv_bin}:{os.environ['PATH']}",
     }
+    mlflow_script = shutil.which("mlflow", path=activated["PATH"])
+    assert mlflow_script == str(Path(venv_bin) / "mlflow")  # the venv's own, first on PATH
     port = free_port()
     with (
         (tmp_path / "mlflow-ui.log").open("w") as log,
         Server(
-            ["mlflow", "ui", "--port", str(port)],
+            [mlflow_script, "ui", "--port", str(port)],
             f"http://127.0.0.1:{port}/health",
             env=activated,
             cwd=repo,

@@ -117,6 +117,9 @@ class DigitClassifier(PythonModel):
 
         # Safe mode: loading a model never runs code stored in the file.
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], safe_mode=True)
+        # The first call traces the model's function (a few hundred ms): at load, not in
+        # the first request.
+        self.model.predict_on_batch(np.zeros((1, PIXELS), np.float32))
 
     # np.ndarray is a type hint MLflow infers no schema from: the signature above stays the
     # one contract (other hints would make MLflow derive a second, conflicting one).

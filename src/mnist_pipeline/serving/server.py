@@ -66,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on the network")
     parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="server processes, each with the model (default: the cores this process may use)",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     log_filter.quiet_command(native=False)  # it execs `mlflow models serve`
     with exit_on_error():
         uri = tracking.tracking_uri()
@@ -74,7 +82,27 @@ def main(argv: list[str] | None = None) -> int:
         tracking.require_existing_store()  # serving never creates a store
         check_registered(args.model)
     serve = ["models", "serve", "-m", args.model, "--env-manager", "local"]
-    serve += ["--host", args.host, "--port", str(args.port)]
+    serve += ["--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     print(f"+ MLFLOW_TRACKING_URI={uri} mlflow {' '.join(serve)}", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "mlflow", *serve]
-    os.execve(sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": uri})
+    os.execve(
+        sys.executable, command, {**os.environ, **worker_threads(), "MLFLOW_TRACKING_URI": uri}
+    )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's share), else all."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_threads() -> dict[str, str]:
+    """One TensorFlow thread per worker (unless the environment says otherwise): a request's
+    arithmetic is far below what pays for splitting it, and the workers, one per core,
+    already fill the machine; with TensorFlow's default of a pool per core in each worker,
+    they fought for the cores (make bench, "Serving")."""
+    return {
+        name: os.environ.get(name, "1")
+        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+    }
