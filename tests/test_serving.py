@@ -390,6 +390,28 @@ def test_serve_says_which_model_is_missing(in_project, capsys, model, says):
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_serve_starts_a_worker_per_core_with_one_thread_each(monkeypatch, capsys):
+    """`make serve` becomes `mlflow models serve --workers <cores>`, each worker with one
+    TensorFlow thread (unless the environment says otherwise); 0 workers is refused."""
+    from mnist_pipeline.serving import server as serve
+
+    monkeypatch.setattr(serve, "check_registered", lambda model: None)
+    monkeypatch.setattr(serve.tracking, "check_store", lambda uri: None)
+    monkeypatch.setattr(serve.tracking, "require_existing_store", lambda: None)
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")
+    started = []
+    monkeypatch.setattr(serve.os, "execve", lambda path, argv, env: started.append((argv, env)))
+    assert serve.main([]) is None
+    ((argv, env),) = started
+    assert argv[argv.index("--workers") + 1] == str(serve.usable_cores())
+    assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("1", "2")
+    serve.main(["--workers", "3"])
+    assert started[-1][0][-1] == "3"
+    with pytest.raises(SystemExit):
+        serve.main(["--workers", "0"])
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_champion_over_http(in_project, tmp_path):
     """run -> register -> promote -> `mlflow models serve` -> HTTP: answers match the
