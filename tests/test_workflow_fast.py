@@ -118,22 +118,26 @@ def test_training_records_the_hash_of_the_data_it_used(prepared):
     assert tag != recorded
 
 
+def filtered(script: str) -> subprocess.CompletedProcess:
+    """``script`` run by a fresh Python with the project's stderr filter on, as a stage has it."""
+    setup = (
+        "import os\nfrom mnist_pipeline.core import log_filter\nlog_filter.filter_native_stderr()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_RAW_LOGS"}
+    return subprocess.run(
+        [sys.executable, "-c", setup + script], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
 def test_noise_filter_keeps_real_errors(tmp_path):
     """TensorFlow's CPU-only start-up noise goes; any other line on fd 2 stays."""
-    script = (
-        "import os\n"
-        "from mnist_pipeline.core import log_filter\n"
-        "log_filter.filter_native_stderr()\n"
+    result = filtered(
         "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\\n')\n"
         "os.write(2, b'E0000 node_def_util.cc:682] NodeDef mentions attribute use_unbounded"
         "_threadpool which is not in the op definition: Op<...>\\n')\n"
         "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see\\n')\n"
         "os.write(2, b'E0000 real_op.cc:1] a real TensorFlow error\\n')\n"
         "raise SystemExit('error: the last word')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_RAW_LOGS"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
     )
     assert "a real TensorFlow error" in result.stderr
     assert "error: the last word" in result.stderr
@@ -149,19 +153,13 @@ def test_noise_filter_ends_with_the_process_while_a_library_holds_fd_2():
     """A library that keeps its own copy of fd 2 (vl-convert's runtime does) holds the
     filter's pipe open: the filter still ends at exit, at once, and passes on a last line
     with no newline. It once waited out a 5 s join on every such process."""
-    script = (
-        "import atexit, os, threading\n"
-        "from mnist_pipeline.core import log_filter\n"
-        "log_filter.filter_native_stderr()\n"
+    result = filtered(
+        "import atexit, threading\n"
         "kept = os.dup(2)\n"  # what the library does; never closed
         "os.write(2, b'the last words, no newline')\n"
         "atexit._run_exitfuncs()\n"
         "alive = [t.name for t in threading.enumerate() if t.name == 'stderr-filter']\n"
         "print('pump alive' if alive else 'pump ended')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_RAW_LOGS"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.stdout.strip() == "pump ended", result.stderr
     assert result.stderr == "the last words, no newline"
