@@ -169,7 +169,8 @@ class ScoringServer:
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         command = [sys.executable, "-m", "mnist_pipeline.serve", "--model", model_uri]
-        command += ["--port", port]
+        # One worker: these tests are about the answers (the worker count has its own test).
+        command += ["--port", port, "--workers", "1"]
         self.log = log
         self.server = started(command, self.url + "/ping", env, log, timeout_s=240)
         self.process = self.server.process
