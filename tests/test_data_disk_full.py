@@ -60,6 +60,27 @@ def test_preprocess_on_a_full_disk_replaces_nothing(tiny_cfg, tiny_mirror, workd
     assert digests(disk) != before
 
 
+def test_preprocess_when_the_arrays_do_not_fit_replaces_nothing(
+    tiny_cfg, tiny_mirror, workdir, disk
+):
+    """Room for a header but not for an array: NumPy raises an OSError with no errno ("N
+    requested and M written", or "Not enough free space to write ...") that names no file.
+    Still one line that names the disk, and nothing replaced."""
+    download.download(tiny_cfg)
+    sha = tiny_mirror[1]
+    where = [f"paths.processed={disk / 'processed'}", f"paths.reports={disk / 'reports'}"]
+    preprocess.preprocess(compose_config([*sha_overrides(sha), *where]))
+    before = digests(disk)
+    filler = fill(disk, leave=64 * 1024)  # a few pages: less than x_train.npy
+    result = run("preprocess", workdir, sha, *where, "data.val_split=0.25")
+    line = one_error_line(result, "no space left on", str(disk / "processed"), "free space")
+    assert ".npy" in line, line
+    assert digests(disk) == before
+    assert no_staging_left(disk)
+    assert last_run("preprocess").info.status == "FAILED"
+    filler.unlink()
+
+
 def test_train_and_evaluate_on_a_full_disk_replace_nothing(prepared, tiny_mirror, workdir, disk):
     sha = tiny_mirror[1]
     where = [f"paths.models={disk / 'models'}", f"paths.reports={disk / 'reports'}"]

@@ -225,3 +225,33 @@ def test_help_through_the_real_command():
 
 def test_percent_encoded_file_url():
     assert Mirror.parse("file:///srv/my%20work/mnist").location == "/srv/my work/mnist"
+
+
+HDF5_FULL = "Can't write data (file write failed: errno = 28, error message = 'No space left')"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError("Not enough free space to write 188160000 bytes after offset 128"),  # NumPy
+        OSError("141120 requested and 16352 written"),  # NumPy, a short write
+        OSError(28, "No space left on device"),  # no file name
+        RuntimeError(HDF5_FULL.replace("left", "left on device")),  # HDF5, in text only
+    ],
+)
+def test_a_full_disk_is_recognised_whatever_the_library_says(exc, tmp_path):
+    """One line for a full disk however a library reports it; naming the output once
+    ``atomic`` has re-raised it for the staged file."""
+    from mnist_pipeline.core import atomic, diagnosis
+
+    tail = ": free space there and run again (no output was replaced)"
+    assert diagnosis.describe(exc) == diagnosis.SOMEWHERE_FULL + tail
+    final = tmp_path / "x.npy"
+    if isinstance(exc, OSError):
+        named = atomic.full_disk(exc, {final: tmp_path / ".x.npy.tmp"})
+        try:
+            raise named from exc
+        except OSError as raised:
+            assert diagnosis.describe(raised) == f"no space left on the disk holding {final}{tail}"
+    # Another error with no errno, on a disk with room, is left alone (a bug, not the disk).
+    assert atomic.full_disk(OSError("something else"), {final: tmp_path / "x.tmp"}) is None

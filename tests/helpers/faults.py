@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,10 +35,12 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill(folder: Path) -> Path:
-    """Fill the file system holding ``folder`` to the last byte; return the filler file."""
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system holding ``folder`` to the last byte, or to ``leave`` bytes
+    (rounded to 4 KiB blocks) before it; return the filler file."""
     filler = folder / "filler"
-    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+    count = [] if not leave else [f"count={(shutil.disk_usage(folder).free - leave) // 4096}"]
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", *count], capture_output=True)
     return filler
 
 

@@ -7,6 +7,7 @@ whole are staged (``staged``): put in place together, only when the stage has su
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline.core import diagnosis
 from mnist_pipeline.core.errors import DataError, PipelineError
+
+#: A write that failed with no errno while its disk has less than this left ran out of space.
+FULL_MARGIN = 1 << 20
+
+
+def full_disk(exc: OSError, files: dict[Path, Path]) -> OSError | None:
+    """``exc`` as the ENOSPC it is, naming the output (a key of ``files``, final path ->
+    temporary path) whose disk is full, when ``exc`` says a disk is full without naming one
+    (NumPy raises with no errno and no file name), or has no errno while a file's disk has
+    under ``FULL_MARGIN`` left. None when it is another error or already names the place."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename:
+        return None
+    said = diagnosis.is_full_disk(exc)
+    if not files or not (said or exc.errno is None):
+        return None
+    final, tmp = min(files.items(), key=lambda item: shutil.disk_usage(item[1].parent).free)
+    if not said and shutil.disk_usage(tmp.parent).free >= FULL_MARGIN:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
 
 
 def _umask() -> int:
@@ -43,6 +64,11 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        full = full_disk(exc, {path: tmp_path})
+        if full is None:
+            raise
+        raise full from exc
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -83,6 +109,11 @@ class Staged:
         for final in sorted(self._files, key=lambda final: final in self._seals):
             os.replace(self._files[final], final)
 
+    @property
+    def files(self) -> dict[Path, Path]:
+        """Final path -> where it is being written."""
+        return dict(self._files)
+
     def discard(self) -> None:
         for tmp in self._files.values():
             shutil.rmtree(tmp.parent, ignore_errors=True)
@@ -95,6 +126,11 @@ def staged() -> Iterator[Staged]:
     try:
         yield outputs
         outputs.commit()
+    except OSError as exc:
+        full = full_disk(exc, outputs.files)
+        if full is None:
+            raise
+        raise full from exc
     finally:
         outputs.discard()
 

@@ -17,6 +17,19 @@ from collections.abc import Iterator
 #: How long a stage waits for another process's write lock on a SQLite store.
 LOCK_WAIT_S = 10.0
 
+#: A full disk in the words libraries use when they raise without an errno, or in text only:
+#: NumPy's ``tofile`` ("Not enough free space to write N bytes after offset M" when it cannot
+#: reserve the space, "N requested and M written" on a short write), HDF5 and subprocesses
+#: quoting strerror, SQLite ("database or disk is full", worded for the store below).
+FULL_DISK_TEXT = re.compile(
+    r"no space left on device|not enough free space|disk quota exceeded"
+    r"|\b\d+ requested and \d+ written\b",
+    re.IGNORECASE,
+)
+
+FULL = "no space left on "
+SOMEWHERE_FULL = FULL + "a disk this stage writes to (its outputs, or the MLflow artifact folder)"
+
 SERVER_HINT = "for many concurrent writers use a tracking server (docs/operations.md)"
 MEMORY_HINT = "lower model.units, model.layers or train.batch_size"
 
@@ -34,25 +47,32 @@ def describe(exc: BaseException, store: str = "the MLflow store") -> str | None:
     """One line for an environment fault anywhere in ``exc``'s chain, else None (a bug).
 
     The innermost recognised cause wins: it is what went wrong first; the later errors are
-    the same fault met again while cleaning up. ``store`` names the store in the line."""
+    the same fault met again while cleaning up. One exception: a full disk that names no
+    place (NumPy's) does not replace the same fault re-raised with the place named
+    (``atomic.full_disk``). ``store`` names the store in the line."""
     found = None
     for link in _chain(exc):
-        found = describe_one(link, store) or found
+        line = describe_one(link, store)
+        if line and not (line.startswith(SOMEWHERE_FULL) and found and found.startswith(FULL)):
+            found = line
     return found
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk is full, by its errno or, lacking one, by its words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return bool(FULL_DISK_TEXT.search(str(exc)))
 
 
 def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | None:
     """``describe`` for one exception, without its chain."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_full_disk(exc):
         # a copy (shutil, MLflow's artifact store) names its source first, its target second
-        where = exc.filename2 or exc.filename
-        disk = (
-            f"the disk holding {where}"
-            if where
-            else "a disk this stage writes to (its outputs, or the MLflow artifact folder)"
-        )
-        return f"no space left on {disk}: free space there and run again (no output was replaced)"
+        where = (exc.filename2 or exc.filename) if isinstance(exc, OSError) else None
+        disk = f"the disk holding {where}" if where else SOMEWHERE_FULL.removeprefix(FULL)
+        return f"{FULL}{disk}: free space there and run again (no output was replaced)"
     if isinstance(exc, OSError) and exc.errno == errno.EROFS:
         return (
             f"{exc.filename2 or exc.filename or 'an output'} is on a read-only file system: "
