@@ -22,6 +22,22 @@ SUPPORTED = (
 )
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg")
 
+#: What MLflow makes of the tracking addresses this project does not take, by scheme (or
+#: whole address): named in the refusal, so a user knows what they typed.
+OTHER_STORES = {
+    "databricks": "a Databricks workspace",
+    "databricks-uc": "Databricks Unity Catalog",
+    "uc": "Unity Catalog",
+    "mysql": "a MySQL database",
+    "mssql": "a SQL Server database",
+    "mlflow-artifacts": "an MLflow artifact location (it holds a run's files, not runs)",
+    "s3": "an S3 artifact location (it holds a run's files, not runs)",
+    "gs": "a Google Cloud Storage artifact location (it holds a run's files, not runs)",
+    "wasbs": "an Azure Blob artifact location (it holds a run's files, not runs)",
+    "dbfs": "a Databricks file system location (it holds a run's files, not runs)",
+    "hdfs": "an HDFS artifact location (it holds a run's files, not runs)",
+}
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
@@ -61,6 +77,12 @@ def normalise(raw: str) -> str:
     uri = raw.strip()
     shown = redact(uri)
     match = _SCHEME.match(uri)
+    scheme = (match.group(1) if match else uri).lower().split("+", 1)[0]
+    if scheme in OTHER_STORES:
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={shown!r} is {OTHER_STORES[scheme]}, which this project "
+            f"does not track to; use {SUPPORTED}"
+        )
     if match is None or len(match.group(1)) == 1 or match.group(1).lower() == "file":
         # no scheme (a folder), a Windows drive letter, or file:
         raise ConfigError(
@@ -82,8 +104,8 @@ def normalise(raw: str) -> str:
             )
     else:
         raise ConfigError(
-            f"MLFLOW_TRACKING_URI={shown!r}: MLflow knows {scheme}:// stores but this "
-            f"project does not support them; use {SUPPORTED}"
+            f"MLFLOW_TRACKING_URI={shown!r}: {scheme}: is not a tracking store scheme this "
+            f"project knows; use {SUPPORTED}"
         )
     return uri
 
