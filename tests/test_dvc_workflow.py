@@ -91,6 +91,35 @@ def test_bad_value_changes_nothing(project, override, message):
     assert (repo / "models/model.keras").read_bytes() == model
 
 
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("sqlite://", "is an in-memory SQLite store"),
+        ("http://127.0.0.1:{port}", "is not reachable"),
+        ("databricks", "is a Databricks workspace"),
+    ],
+)
+def test_an_unusable_store_stops_dvc_before_any_output_goes(project, store, message):
+    """`dvc repro -f` removes each stage's outputs before it runs the stage: the check stage,
+    first, refuses a store the stages could not log to, so not one output is removed."""
+    from mnist_pipeline.core.supervised import free_port
+
+    repo, env, _ = project
+    outputs = ("data/raw", "data/processed", "models", "reports")
+    before = {p: sorted(f.name for f in (repo / p).iterdir()) for p in outputs}
+    model = (repo / "models/model.keras").read_bytes()
+    bad = {**env, "MLFLOW_TRACKING_URI": store.format(port=free_port())}
+    result = dvc(["dvc", "repro", "-f"], repo, bad, ok=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Running stage 'download'" not in result.stdout
+    assert {p: sorted(f.name for f in (repo / p).iterdir()) for p in outputs} == before
+    assert (repo / "models/model.keras").read_bytes() == model
+    dvc(["git", "checkout", "dvc.lock"], repo, env)  # what a failed check may have rewritten
+    assert "Data and pipelines are up to date" in dvc(["dvc", "status"], repo, env).stdout
+
+
 def test_a_queued_sweep_stops_at_its_bad_value(project):
     """`dvc exp run --queue -S model.units=16,0`: DVC composes one combination at a time;
     the bad one is refused, nothing runs, the workspace is as it was, and `dvc queue remove

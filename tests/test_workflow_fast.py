@@ -38,7 +38,7 @@ def test_check_stage(tmp_path, monkeypatch):
     shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
     shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    run = [sys.executable, "-m", "mnist_pipeline.params", "--check"]
+    run = [sys.executable, "-m", "mnist_pipeline.check"]
     ok = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "data/params.ok").exists()

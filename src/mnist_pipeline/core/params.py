@@ -4,12 +4,13 @@
 (``make params``) after editing ``conf/`` so both entry points see the same config.
 
     python -m mnist_pipeline.params [override ...]   # write params.yaml, e.g. train.epochs=10
-    python -m mnist_pipeline.params --check          # the `check` stage of dvc.yaml
+    python -m mnist_pipeline.check                   # the `check` stage of dvc.yaml (check())
 
 Writing reads conf/ and writes params.yaml atomically; nothing is written when the composed
-config fails the schema (types, ranges, cross-field rules). ``--check`` is DVC's first
-stage: it validates params.yaml (hand-edited, or composed by `dvc exp run`) and conf/ before
-any other stage runs, so DVC never removes an output for a config the stages would refuse.
+config fails the schema (types, ranges, cross-field rules). ``check`` is the config half of
+DVC's first stage (``stages/check.py``): it validates params.yaml (hand-edited, or composed by
+`dvc exp run`) and conf/ before any other stage runs, so DVC never removes an output for a
+config the stages would refuse.
 """
 
 from __future__ import annotations
@@ -145,16 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help=f"validate ./params.yaml and ./conf/, write {CHECK_STAMP} (the DVC check stage)",
-    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.check:
-        with exit_on_error():
-            check(Path("params.yaml"), Path("conf"), Path(CHECK_STAMP))
-        return 0
     target = Path(PROJECT_ROOT) / "params.yaml"
     with exit_on_error(prefix="params.yaml not written: "):
         text = compose_params(args.overrides)
