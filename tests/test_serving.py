@@ -401,8 +401,8 @@ def test_serve_starts_a_worker_per_core_with_one_thread_each(monkeypatch, capsys
     monkeypatch.setattr(serve.tracking, "require_existing_store", lambda: None)
     monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")
     started = []
-    monkeypatch.setattr(serve.os, "execve", lambda path, argv, env: started.append((argv, env)))
-    assert serve.main([]) is None
+    monkeypatch.setattr(serve, "run_server", lambda argv, env: started.append((argv, env)) or 0)
+    assert serve.main([]) == 0
     ((argv, env),) = started
     assert argv[argv.index("--workers") + 1] == str(serve.usable_cores())
     assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("1", "2")
@@ -472,6 +472,12 @@ def test_serve_champion_over_http(in_project, tmp_path):
             assert says in json.loads(answer)["message"], (what, answer[-800:])
     finally:
         server.close()
+    # What `make serve` printed: its command line and the server's own lines, none of
+    # TensorFlow's start-up in the worker (oneDNN, absl, CUDA probing).
+    log = (tmp_path / "serve.log").read_text()
+    assert "+ MLFLOW_TRACKING_URI=" in log and "Uvicorn running" in log, log[-2000:]
+    for noise in ("oneDNN", "absl::InitializeLog", "cudart_stub"):
+        assert noise not in log, (noise, log[-2000:])
 
     # The same files through `predict` (a real CLI run) on the same model: the same digits.
     result = run_stage("predict", work, env, "--model", "models:/mnist@champion", str(pngs))

@@ -8,7 +8,10 @@ The store is the project's (``MLFLOW_TRACKING_URI`` or ``mlflow.db`` beside the 
 as every command reads it), and the model must be in its registry: ``mlflow models serve``
 would otherwise end in a traceback (``Registered Model with name=mnist not found``) after
 seconds of imports. What is checked here is said in one line, with the command that fixes it.
-Then this process becomes ``mlflow models serve`` (exec): Ctrl-C and ``kill`` reach it.
+Then it runs ``mlflow models serve`` as its child, whose processes (the server's workers)
+write to this process's stderr, through the project's noise filter: TensorFlow's start-up
+lines in every worker are dropped as in the stages. Ctrl-C reaches the whole process group;
+``kill`` (SIGTERM, SIGHUP) of this process is passed on to the server.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
+import subprocess
 import sys
 
 from mnist_pipeline import tracking
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    log_filter.quiet_command(native=False)  # it execs `mlflow models serve`
+    log_filter.quiet_command()  # the server's processes inherit the filtered stderr
     with exit_on_error():
         uri = tracking.tracking_uri()
         tracking.check_store(uri)
@@ -85,9 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     serve += ["--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     print(f"+ MLFLOW_TRACKING_URI={uri} mlflow {' '.join(serve)}", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "mlflow", *serve]
-    os.execve(
-        sys.executable, command, {**os.environ, **worker_threads(), "MLFLOW_TRACKING_URI": uri}
-    )
+    env = {**os.environ, **worker_threads(), "MLFLOW_TRACKING_URI": uri}
+    # MLflow starts `uvicorn` from PATH: this environment's, also when run as .venv/bin/python.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return run_server(command, env)
+
+
+def run_server(command: list[str], env: dict[str, str]) -> int:
+    """Run the server until it ends; its exit status. Ctrl-C is the terminal's to deliver (to
+    the whole foreground group, the server included); SIGTERM and SIGHUP sent to this process
+    are passed on."""
+    server = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: server.send_signal(number))
+    return server.wait()
 
 
 def usable_cores() -> int:
