@@ -102,7 +102,7 @@ def test_passwords_stay_out_of_messages(monkeypatch, uri):
         # a server that never answers (a loopback socket that accepts nothing): the connect
         # timeout, not minutes of retries
         ("postgresql://mlflow:pw@127.0.0.1:{silent}/mlflow", "is not usable"),
-        ("mysql://u@127.0.0.1:{port}/mlflow", "does not support"),
+        ("mysql://u@127.0.0.1:{port}/mlflow", "is a MySQL database"),
     ],
 )
 def test_the_stage_refuses_in_seconds_and_writes_nothing(
