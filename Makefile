@@ -45,6 +45,10 @@ SYNC = $(UV) sync --frozen --inexact --python python3
 KEPT_EXTRAS = $(if $(wildcard $(ALL_STAMP)),--all-extras,$(if $(wildcard $(SERVER_STAMP)),--extra server))
 
 $(STAMP): pyproject.toml uv.lock $(if $(VENV_MOVED),FORCE)
+	@case "$(CURDIR)" in *%*) echo "error: the project's folder path holds '%': MLflow reads" \
+		"the path of its own package (in .venv, inside the project) as configuration syntax" \
+		"when it opens a store, so no stage could log; clone or move it to a path without '%'" >&2; \
+		exit 1;; esac
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
 	$(if $(VENV_MOVED),@echo ".venv was built for $(VENV_MOVED) (the project moved): rebuilding it"; \

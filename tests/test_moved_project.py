@@ -124,6 +124,24 @@ def setup(folder: Path, env: dict) -> str:
     return result.stdout
 
 
+def test_make_setup_refuses_a_path_with_a_percent_sign(tmp_path, fake_uv):
+    """MLflow's migrations read `%` in the path of its package as configparser syntax
+    (`invalid interpolation syntax`), and `.venv` lives inside the project: refused in one
+    line, before anything is installed."""
+    env, log = fake_uv
+    folder = tmp_path / "p%41"
+    folder.mkdir()
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy(PROJECT_ROOT / name, folder / name)
+    result = subprocess.run(
+        ["make", "setup"], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "holds '%'" in errors[0], result.stderr
+    assert not (folder / ".venv").exists() and not log.exists()
+
+
 @pytest.mark.parametrize("how", ["mv", "cp", "stay"])
 def test_make_setup_rebuilds_a_venv_built_elsewhere(tmp_path, fake_uv, how):
     env, log = fake_uv
