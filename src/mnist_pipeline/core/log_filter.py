@@ -125,14 +125,13 @@ def quiet_progress() -> bool:
     return False
 
 
-def quiet_command(native: bool = True, level: int | None = None) -> None:
+def quiet_command(level: int | None = None) -> None:
     """The user-facing commands (``register``, ``predict``, ``compare``, ``serve``,
     ``reproduce``) print what they did, not the libraries' start-up: TensorFlow's native noise
     is filtered as in the stages, MLflow's INFO chatter and progress bars are off (warnings and
-    errors still show). ``MNIST_PIPELINE_DEBUG=1`` shows everything. ``native=False`` for a
-    command that execs another program: the filter's thread would not survive the exec.
-    ``level``: also configure the root logger (``register``, ``predict``: warnings as
-    ``WARNING name: message``)."""
+    errors still show), in this process and the ones it starts (``serve``'s server inherits the
+    filtered stderr). ``MNIST_PIPELINE_DEBUG=1`` shows everything. ``level``: also configure
+    the root logger (``register``, ``predict``: warnings as ``WARNING name: message``)."""
     if level is not None:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get(DEBUG_ENV):
@@ -141,5 +140,4 @@ def quiet_command(native: bool = True, level: int | None = None) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
-    if native:
-        filter_native_stderr()
+    filter_native_stderr()
