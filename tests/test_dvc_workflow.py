@@ -97,18 +97,24 @@ def test_bad_value_changes_nothing(project, override, message):
         ("sqlite://", "is an in-memory SQLite store"),
         ("http://127.0.0.1:{port}", "is not reachable"),
         ("databricks", "is a Databricks workspace"),
+        ("mirror:/no/such/mnist", "MNIST_MIRROR='/no/such/mnist': no such folder"),
+        ("mirror:ftp://127.0.0.1/mnist", "only https:// URLs, file:// URLs and local folders"),
     ],
 )
 def test_an_unusable_store_stops_dvc_before_any_output_goes(project, store, message):
     """`dvc repro -f` removes each stage's outputs before it runs the stage: the check stage,
-    first, refuses a store the stages could not log to, so not one output is removed."""
+    first, refuses a store the stages could not log to, or a mirror setting download could
+    not use, so not one output is removed."""
     from mnist_pipeline.core.supervised import free_port
 
     repo, env, _ = project
     outputs = ("data/raw", "data/processed", "models", "reports")
     before = {p: sorted(f.name for f in (repo / p).iterdir()) for p in outputs}
     model = (repo / "models/model.keras").read_bytes()
-    bad = {**env, "MLFLOW_TRACKING_URI": store.format(port=free_port())}
+    if store.startswith("mirror:"):
+        bad = {**env, "MNIST_MIRROR": store.removeprefix("mirror:")}
+    else:
+        bad = {**env, "MLFLOW_TRACKING_URI": store.format(port=free_port())}
     result = dvc(["dvc", "repro", "-f"], repo, bad, ok=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -99,6 +99,21 @@ class Mirror:
         return self.location
 
 
+def check_mirror_setting() -> None:
+    """For the check stage, before DVC removes ``data/raw``: an ``$MNIST_MIRROR`` this stage
+    could not use is refused (a scheme it does not take, a local folder that does not exist:
+    a typo that would otherwise end in the public mirrors, or in no data offline)."""
+    configured = os.environ.get(MIRROR_ENV, "").strip()
+    if not configured:
+        return
+    mirror = Mirror.parse(configured)
+    if mirror.is_local and not Path(mirror.location).is_dir():
+        raise ConfigError(
+            f"{MIRROR_ENV}={configured!r}: no such folder ({mirror.location}); point it at the "
+            "folder holding the four MNIST .gz files, or unset it to use the public mirrors"
+        )
+
+
 def mirrors() -> list[Mirror]:
     """$MNIST_MIRROR first, when set, then the public mirrors."""
     configured = os.environ.get(MIRROR_ENV, "").strip()
