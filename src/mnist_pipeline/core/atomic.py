@@ -34,8 +34,12 @@ def full_disk(exc: OSError, files: dict[Path, Path]) -> OSError | None:
     said = diagnosis.is_full_disk(exc)
     if not files or not (said or exc.errno is None):
         return None
-    final, tmp = min(files.items(), key=lambda item: shutil.disk_usage(item[1].parent).free)
-    if not said and shutil.disk_usage(tmp.parent).free >= FULL_MARGIN:
+    try:  # on the error path: a folder that is gone must not replace the error being reported
+        free = {final: shutil.disk_usage(tmp.parent).free for final, tmp in files.items()}
+    except OSError:
+        return None
+    final = min(free, key=free.__getitem__)
+    if not said and free[final] >= FULL_MARGIN:
         return None
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
 
