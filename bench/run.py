@@ -96,6 +96,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-sweep", action="store_true", help="skip the 4-job sweeps")
     parser.add_argument("--no-serving", action="store_true", help="skip the serving loads")
     parser.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also run the project's server that long at 8 clients (issue 24: 600)",
+    )
+    parser.add_argument(
         "--serving-only",
         action="store_true",
         help="one cold dvc repro, then only the serving loads, printed",
@@ -364,7 +371,11 @@ def main() -> None:
     if args.serving_only:
         clear_outputs(ws.work)
         measure(["dvc", "repro"], ws.work, ws.env, ws.log)
-        print("\n".join(serving.render(serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp))))
+        print(
+            "\n".join(
+                serving.render(serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp, args.soak))
+            )
+        )
         shutil.rmtree(ws.tmp, ignore_errors=True)
         return
     results: dict = {"machine": machine(), "repeat": args.repeat}
@@ -372,7 +383,7 @@ def main() -> None:
         repro = time_repro(ws, args.repeat)
         if not args.no_serving:
             print("serving: make serve and mlflow models serve under ab ...", flush=True)
-            results["serving"] = serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp)
+            results["serving"] = serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp, args.soak)
         ui = time_ui(ws, args.repeat)
         runs = time_baseline_and_stages(ws, args.repeat)
         imports = time_imports(ws, args.repeat)

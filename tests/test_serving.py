@@ -1,11 +1,12 @@
 """From a run to a prediction: the serving contract, picture formatting, the registry with its
-promotion rule, `predict` on real PNG files, and a real `mlflow models serve` over HTTP."""
+promotion rule, `predict` on real PNG files, and the real scoring server over HTTP."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -18,11 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import DataError
 from mnist_pipeline.core.supervised import free_port
-from mnist_pipeline.serving import contract, images, registry
+from mnist_pipeline.serving import app, contract, images, registry
 from mnist_pipeline.stages.artifacts import MNIST_FILES, RUN_FILE
 from mnist_pipeline.stages.idx import to_idx_bytes, write_idx
 from tests.helpers.cli import exit_code
 from tests.helpers.config import compose_config, sha_overrides
+from tests.helpers.only_installed import run_with_only
 from tests.helpers.processes import run_stage
 from tests.helpers.services import started
 
@@ -162,8 +164,9 @@ def rendered_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ScoringServer:
-    """``python -m mnist_pipeline.serve`` (what ``make serve`` runs: ``mlflow models serve``
-    once the model is found) for a model URI, on a free loopback port, stopped by close()."""
+    """``python -m mnist_pipeline.serve`` (what ``make serve`` runs: the project's app under
+    uvicorn once the model is found) for a model URI, on a free loopback port, stopped by
+    close()."""
 
     def __init__(self, model_uri: str, env: dict, log: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -175,11 +178,14 @@ class ScoringServer:
         self.server = started(command, self.url + "/ping", env, log, timeout_s=240)
         self.process = self.server.process
 
-    def post(self, body: bytes | str, content_type="application/json") -> tuple[int, str]:
+    def post(
+        self, body: bytes | str, content_type="application/json", chunked: bool = False
+    ) -> tuple[int, str]:
         data = body.encode() if isinstance(body, str) else body
-        request = urllib.request.Request(
-            self.url + "/invocations", data=data, headers={"Content-Type": content_type}
-        )
+        headers = {"Content-Type": content_type}
+        if chunked:  # no Content-Length: the server finds the size only by reading
+            data, headers["Transfer-Encoding"] = iter([data]), "chunked"
+        request = urllib.request.Request(self.url + "/invocations", data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, response.read().decode()
@@ -392,22 +398,30 @@ def test_serve_says_which_model_is_missing(in_project, capsys, model, says):
 
 
 def test_serve_starts_a_worker_per_core_with_one_thread_each(monkeypatch, capsys):
-    """`make serve` becomes `mlflow models serve --workers <cores>`, each worker with one
-    TensorFlow thread (unless the environment says otherwise); 0 workers is refused."""
+    """`make serve` runs uvicorn with a worker per core, each with one TensorFlow thread
+    (unless the environment says otherwise) and the model to load; 0 workers is refused."""
+    from mnist_pipeline.serving import app
     from mnist_pipeline.serving import server as serve
 
     monkeypatch.setattr(serve, "check_registered", lambda model: None)
     monkeypatch.setattr(serve.tracking, "check_store", lambda uri: None)
     monkeypatch.setattr(serve.tracking, "require_existing_store", lambda: None)
+    # Set here so that monkeypatch puts back what main() sets for the workers.
+    for name in ("TF_NUM_INTRAOP_THREADS", app.MODEL_ENV, "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")
     started = []
-    monkeypatch.setattr(serve, "run_server", lambda argv, env: started.append((argv, env)) or 0)
+    monkeypatch.setattr(
+        serve, "run_server", lambda *args: started.append((args, dict(os.environ))) or 0
+    )
     assert serve.main([]) == 0
-    ((argv, env),) = started
-    assert argv[argv.index("--workers") + 1] == str(serve.usable_cores())
+    (((host, port, workers), env),) = started
+    assert (host, port, workers) == ("127.0.0.1", 5001, serve.usable_cores())
     assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("1", "2")
+    assert env[app.MODEL_ENV] == "models:/mnist@champion"
     serve.main(["--workers", "3"])
-    assert started[-1][0][-1] == "3"
+    assert started[-1][0][-1] == 3
     with pytest.raises(SystemExit):
         serve.main(["--workers", "0"])
     assert "--workers must be at least 1" in capsys.readouterr().err
@@ -415,9 +429,9 @@ def test_serve_starts_a_worker_per_core_with_one_thread_each(monkeypatch, capsys
 
 @pytest.mark.slow
 def test_serve_champion_over_http(in_project, tmp_path):
-    """run -> register -> promote -> `mlflow models serve` -> HTTP: answers match the
+    """run -> register -> promote -> `make serve` -> HTTP: answers match the
     evaluate stage's predictions and `predict --model models:/mnist@champion`; inputs
-    outside the contract get 400s with a reason."""
+    outside the contract get 400s with a reason, a body over the size limit a 413."""
     work, uri, _, metrics, arrays = in_project
     env = {
         **os.environ,
@@ -440,9 +454,25 @@ def test_serve_champion_over_http(in_project, tmp_path):
     from_files = np.stack([images.image_to_pixels(p) for p in sorted(expected)])
     with (work / "reports/test_predictions.csv").open() as f:
         evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+    batch = json.dumps({"inputs": x_test.tolist()})
+    # A limit above every good request here; a body over it is refused, never kept.
+    env[app.MAX_BYTES_ENV] = str(2 * len(batch))
     server = ScoringServer("models:/mnist@champion", env, tmp_path / "serve.log")
     try:
-        status, body = server.post(json.dumps({"inputs": x_test.tolist()}))
+        too_big = '{"inputs": [' + ",".join([batch[11:-2]] * 3) + "]}"
+        for chunked in (False, True):
+            status, answer = server.post(too_big.encode(), chunked=chunked)
+            assert status == 413, (chunked, answer[:300])
+            assert "over the server's limit" in json.loads(answer)["message"]
+        # curl's way with a large body: it waits for "100 Continue", which never comes.
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as raw:
+            raw.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(too_big)
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 413 ")
+        status, body = server.post(batch)
         assert status == 200, body
         answers = json.loads(body)["predictions"]
         assert [a["digit"] for a in answers] == evaluated
@@ -461,9 +491,11 @@ def test_serve_champion_over_http(in_project, tmp_path):
             "28x28": ({"inputs": x_test[:1].reshape(1, 28, 28).tolist()}, "(-1, 784)"),
             "783 values": ({"inputs": x_test[:1, :783].tolist()}, "(-1, 784)"),
             "strings": ({"inputs": [["white"] * 784]}, "could not convert"),
-            "NaN": ('{"inputs": [[NaN' + ", 0" * 783 + "]]}", "finite"),
+            "NaN": ('{"inputs": [[NaN' + ", 0" * 783 + "]]}", "not valid JSON"),
             "negative": ({"inputs": (x_test[:1] - 1).tolist()}, "must be in [0, 1]"),
             "no data": ({"pixels": [0] * 784}, "instances"),
+            "ragged": ({"inputs": [[0.5] * 784, [0.5] * 3]}, "equal-length rows"),
+            "not JSON": ("inputs=0.5", "not valid JSON"),
         }
         for what, (payload, says) in bad.items():
             body = payload if isinstance(payload, str) else json.dumps(payload)
@@ -475,7 +507,8 @@ def test_serve_champion_over_http(in_project, tmp_path):
     # What `make serve` printed: its command line and the server's own lines, none of
     # TensorFlow's start-up in the worker (oneDNN, absl, CUDA probing).
     log = (tmp_path / "serve.log").read_text()
-    assert "+ MLFLOW_TRACKING_URI=" in log and "Uvicorn running" in log, log[-2000:]
+    assert "serving models:/mnist@champion from " in log, log[-2000:]
+    assert "Uvicorn running" in log, log[-2000:]
     for noise in ("oneDNN", "absl::InitializeLog", "cudart_stub"):
         assert noise not in log, (noise, log[-2000:])
 
@@ -485,6 +518,35 @@ def test_serve_champion_over_http(in_project, tmp_path):
     lines = [line.split() for line in result.stdout.splitlines()]
     assert [name for name, _, _ in lines] == sorted(expected)
     assert [int(digit) for _, digit, _ in lines] == served_files
+
+
+@pytest.mark.slow
+def test_the_served_model_loads_where_only_mlflow_and_tensorflow_are(in_project, tmp_path):
+    """A service that has only `mlflow` and `tensorflow` installed loads the champion with
+    `mlflow.pyfunc.load_model` and gets the contract's answer: the served model needs nothing
+    of this project (neither its package nor Hydra, DVC, Optuna ...)."""
+    work, uri = in_project[0], in_project[1]
+    assert exit_code(registry.main, ["registry.max_gap=1.0"]) == 0
+    assert exit_code(registry.main, ["--promote", "registry.max_gap=1.0"]) == 0
+    script = """
+import json, numpy as np, mlflow
+for absent in ("mnist_pipeline", "hydra", "dvc", "optuna"):
+    try:
+        __import__(absent)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{absent} importable: not a clean environment")
+model = mlflow.pyfunc.load_model("models:/mnist@champion")
+x = np.load("x_test.npy")[:3]
+print(json.dumps(model.predict(x)["digit"].tolist()))
+"""
+    np.save(tmp_path / "x_test.npy", np.load(work / "data/processed/x_test.npy"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = run_with_only(["mlflow", "tensorflow"], script, tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (work / "reports/test_predictions.csv").open() as f:
+        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)][:3]
+    assert json.loads(done.stdout.splitlines()[-1]) == evaluated
 
 
 @pytest.fixture

@@ -312,7 +312,7 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
         else:
             reasons.insert(0, "no champion yet")
         print(f"promoted: version {candidate.number} is champion: {', '.join(reasons)}")
-    print(f"serve it: make serve  (MODEL={name}@{CHAMPION}: mlflow models serve, checked first)")
+    print(f"serve it: make serve  (MODEL={name}@{CHAMPION}, on http://127.0.0.1:5001)")
     return True
 
 
