@@ -3,13 +3,14 @@ per-request overhead.
 
 MLflow's own server (``mlflow models serve``) spends most of a 64-image request outside the
 model: it parses the JSON body twice, deep-copies the parsed lists before casting them
-(``mlflow.utils.proto_json_utils._cast_schema_type``, 3.17.2) and writes the answer with
-the standard ``json`` module: 59 ms of CPU for a 64-image request, three quarters of it
-in that copy, the model a few ms (docs/performance.md, "Serving"). This app answers the
-same requests the same way — the same registered pyfunc model, its signature enforced by
+(``mlflow.utils.proto_json_utils._cast_schema_type``, 3.17.2) and writes the answer with the
+standard ``json`` module: 59 ms of CPU for a 64-image request, three quarters of it in that
+copy, the model a few ms (docs/performance.md, "Serving"). This app answers the same
+requests the same way — the same registered pyfunc model, its signature enforced by
 ``PyFuncModel.predict``, the same answer ``{"predictions": [...]}`` and MLflow's error body
-``{"error_code", "message"}`` with its status — but parses once with ``orjson``, converts straight to the signature's dtype and
-refuses a body over a size limit (413) without keeping it, so a huge request costs no memory.
+``{"error_code", "message"}`` with its status — but parses once with ``orjson``, converts
+straight to the signature's dtype and refuses a body over a size limit (413) without keeping
+it, so a huge request costs no memory.
 
 Started by ``serving.server`` through uvicorn, one process per worker: each worker calls
 ``create_app``, which loads the model named by ``MODEL_ENV`` (set by the command) once.
