@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +45,9 @@ LOADS = (
     ("64 images, 4 clients", 64, 4),
 )
 SECONDS = 10  # per load: ab's -t
+#: Between two bad requests: a steady trickle beside the good load, not a second flood (the
+#: sender shares the 2 cores; flat out it would measure its own CPU, not the server).
+BAD_PAUSE_S = 0.1
 
 
 def payloads(processed: Path, folder: Path) -> dict[int, Path]:
@@ -133,7 +137,8 @@ def drive(
 def bad_requests(good: bytes) -> list[tuple[str, bytes, bool]]:
     rows = json.loads(good)["inputs"]
     raw = json.dumps({"inputs": [[round(v * 255) for v in rows[0]]]}).encode()
-    big = b'{"inputs": [' + b",".join([json.dumps(rows[0]).encode()] * 9000) + b"]}"  # ~50 MB
+    row = json.dumps(rows[0]).encode()
+    big = b'{"inputs": [' + b",".join([row] * (50 * 2**20 // len(row) + 1)) + b"]}"  # 50 MB
     return [
         ("raw 0-255 pixels", raw, False),
         (
@@ -186,6 +191,7 @@ def under_bad_requests(url: str, bodies: dict[int, Path], pid: int) -> dict:
         while not stop.is_set():
             for what, body, chunked in cases:
                 answers.setdefault(what, Counter())[post(url, body, chunked)] += 1
+                stop.wait(BAD_PAUSE_S)
 
     sender = threading.Thread(target=loop, daemon=True)
     rss_start = tree_rss_mb(pid)
@@ -230,12 +236,65 @@ def measure_serving(work: Path, env: dict, log: Path, tmp: Path, soak_s: float =
     mlflow_serve += ["--host", "127.0.0.1", "--port", "{port}", "-m"]
     extra = (under_bad_requests, *([soak(soak_s)] if soak_s else []))
     return {
+        "predict": predict_split(work, env, tmp / "pictures"),
         "project": drive(project, work, env, log, bodies, extra),
         "mlflow pyfunc": drive(
             [*mlflow_serve, "models:/mnist@champion", "--workers", "2"], work, env, log, bodies
         ),
         "anchor": drive([*mlflow_serve, model_uri], work, env, log, bodies),
     }
+
+
+PICTURES = 1000
+
+
+def predict_split(work: Path, env: dict, folder: Path) -> dict:
+    """`predict` on a folder of ``PICTURES`` PNG files (test images enlarged to 112 px, dark
+    on light, as a scan would be): the command's wall time, and, in this process, where the
+    time goes: decoding the files, MNIST formatting, the model (the champion, loaded first)."""
+    from PIL import Image
+
+    from mnist_pipeline.serving import images, predict
+
+    x = np.load(work / "data" / "processed" / "x_test.npy", mmap_mode="r")[:PICTURES]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(x):
+        grey = np.round(255 - np.asarray(row).reshape(28, 28) * 255).astype(np.uint8)
+        Image.fromarray(grey).resize((112, 112), Image.Resampling.BILINEAR).save(
+            folder / f"{i:04d}.png"
+        )
+    command = [sys.executable, "-m", "mnist_pipeline.predict", "--model"]
+    started = time.perf_counter()
+    subprocess.run(
+        [*command, "models:/mnist@champion", str(folder)],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - started
+    files = sorted(folder.iterdir())
+    store = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]  # the workspace's store
+    try:
+        with contextlib.chdir(work):
+            classify = predict.load_classifier("models:/mnist@champion")
+    finally:
+        if store is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = store
+    split = {}
+    started = time.perf_counter()
+    greys = [images.load_image(f) for f in files]
+    split["decoding"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pixels = np.stack([images.to_mnist(g).reshape(-1) for g in greys])
+    split["MNIST formatting"] = time.perf_counter() - started
+    started = time.perf_counter()
+    classify(pixels)
+    split["the model"] = time.perf_counter() - started
+    return {"pictures": len(files), "command_s": wall, "split_s": split}
 
 
 SERVERS = ("project", "mlflow pyfunc", "anchor")
@@ -272,6 +331,16 @@ def render(serving: dict) -> list[str]:
             "the loads."
         )
     lines += _bad_requests(serving["project"]["under_bad_requests"])
+    if "predict" in serving:
+        r = serving["predict"]
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in r["split_s"].items())
+        lines += [
+            "",
+            f"`predict --model models:/mnist@champion` on a folder of {r['pictures']} PNG "
+            f"files (112x112, dark on light): {r['command_s']:.1f} s, the command's start "
+            f"(imports, loading the model) included. In one process, once the model is "
+            f"loaded: {split}.",
+        ]
     if "soak_run" in serving["project"]:
         r = serving["project"]["soak_run"]
         lines += [
@@ -289,7 +358,7 @@ def _bad_requests(r: dict) -> list[str]:
     lines = [
         "",
         "Bad requests beside the good load, project (1 image, 8 clients; one more client "
-        "loops over the bad requests, each on a new connection):",
+        f"sends the bad requests in turn, {BAD_PAUSE_S} s apart, each on a new connection):",
         "",
         "| good load | requests/s | p50 ms | p99 ms | failed |",
         "| --- | --- | --- | --- | --- |",
