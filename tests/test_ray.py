@@ -101,11 +101,6 @@ def ray_cluster(tmp_path) -> Iterator[Cluster]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.skipif(
-    any(c.isspace() for c in sys.executable),
-    reason="Ray starts workers through `bash -c` with the interpreter's path unquoted, so a "
-    "project under a folder with a space never gets a worker (ray-project/ray#5288; issue 26)",
-)
 def test_sweep_runs_as_ray_tasks(ray_cluster, sweep, workdir):
     result, parent, children = sweep(
         "model.units=16,32",

@@ -96,7 +96,7 @@ class RayClusterLauncher(Launcher):
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = self.config.hydra.sweep.dir
-        connect(self.address, env)
+        connect(self.address)
         hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
         problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
         if problem:
@@ -114,7 +114,11 @@ class RayClusterLauncher(Launcher):
             task = job.options(name=f"sweep-job-{idx}", num_cpus=self.num_cpus, max_retries=0)
             refs.append(
                 task.remote(
-                    self.hydra_context, sweep_config, self.task_function, Singleton.get_state()
+                    self.hydra_context,
+                    sweep_config,
+                    self.task_function,
+                    Singleton.get_state(),
+                    env,
                 )
             )
         return [
@@ -153,9 +157,14 @@ def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobRetu
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
 
 
-def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
-    """Connect to the cluster, its jobs getting ``env``; fail in seconds, with what to do, when
-    there is none (``ray.init`` retries an address that does not answer for minutes)."""
+def connect(address: str, timeout_s: float = 5.0) -> None:
+    """Connect to the cluster; fail in seconds, with what to do, when there is none
+    (``ray.init`` retries an address that does not answer for minutes).
+
+    No ``runtime_env``: with one, Ray starts its workers through ``bash -c`` (``ray/_private/
+    runtime_env/context.py``) with the interpreter's path unquoted, so a project in a folder
+    with a space never gets a worker (seen with Ray 2.60; the class of ray-project/ray#28331,
+    closed). The jobs' environment travels with each task instead (``_run_job``)."""
     import ray
 
     try:
@@ -164,7 +173,7 @@ def connect(address: str, env: dict[str, str], timeout_s: float = 5.0) -> None:
         if ":" in target and "://" not in target:
             host, _, port = target.rpartition(":")
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address)
     except (OSError, ValueError) as exc:  # ConnectionError is an OSError
         raise ConfigError(
             f"no Ray cluster at address={address} ({exc}); start one with "
@@ -191,8 +200,29 @@ def _run_job(
     sweep_config: DictConfig,
     task_function: TaskFunction,
     singleton_state: dict[Any, Any],
+    env: dict[str, str],
 ) -> JobReturn:
-    """One job, in a Ray worker: in the sweep's working directory, with Hydra's state."""
+    """One job, in a Ray worker: in the sweep's working directory, with Hydra's state and the
+    launching process's ``env`` (its store above all), put back as it was afterwards: the
+    worker process runs other sweeps' jobs later."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return _run_job_here(hydra_context, sweep_config, task_function, singleton_state)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_job_here(
+    hydra_context: HydraContext,
+    sweep_config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+) -> JobReturn:
     import ray
 
     cwd = sweep_config.hydra.runtime.cwd
