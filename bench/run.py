@@ -27,6 +27,7 @@ the figures and results.md; this module is the command line and the order of the
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -371,6 +372,19 @@ def write_results(results: dict, out: Path) -> None:
     print(render(results))
 
 
+def update_serving(measured: dict, out: Path) -> None:
+    """``--serving-only``: the serving section of bench/results.json and results.md replaced
+    (the rest kept, from its own run), with the machine it was measured on; printed too."""
+    measured["machine"] = machine() | {"date": datetime.date.today().isoformat()}
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if "figures" in results:
+        results["serving"] = measured
+        write_results(results, out)
+    else:  # no full run to add it to: printed only
+        print("\n".join(serving.render(measured)))
+
+
 def main() -> None:
     args = parse_args()
     if args.ui_only:
@@ -380,11 +394,10 @@ def main() -> None:
     if args.serving_only:
         clear_outputs(ws.work)
         measure(["dvc", "repro"], ws.work, ws.env, ws.log)
-        print(
-            "\n".join(
-                serving.render(serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp, args.soak))
-            )
-        )
+        load_start = os.getloadavg()[0]
+        measured = serving.measure_serving(ws.work, ws.env, ws.log, ws.tmp, args.soak)
+        measured["load_average"] = [load_start, os.getloadavg()[0]]
+        update_serving(measured, args.out)
         shutil.rmtree(ws.tmp, ignore_errors=True)
         return
     results: dict = {"machine": machine(), "repeat": args.repeat}

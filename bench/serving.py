@@ -302,9 +302,17 @@ SERVERS = ("project", "mlflow pyfunc", "anchor")
 
 def render(serving: dict) -> list[str]:
     """The section of results.md."""
+    m = serving.get("machine")
+    on = f" Measured on {m['cpu']}, {m['cores']} cores, {m['date']}" if m else ""
+    if "load_average" in serving:
+        on += ", load average (1 min) {:.2f} at the start, {:.2f} at the end".format(
+            *serving["load_average"]
+        )
+    on += "." if on else ""
     lines = [
         "## Serving",
         "",
+        f"`python -m bench.run --serving-only`.{on} "
         "Apache Bench against the real HTTP server, the README's request format, "
         f"{SECONDS} s per load after a warm-up. *project*: `make serve` (the project's app "
         "under uvicorn, one worker per core, on the registry's `mnist@champion`); *mlflow "
