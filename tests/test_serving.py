@@ -4,12 +4,17 @@ promotion rule, `predict` on real PNG files, and the real scoring server over HT
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +199,49 @@ class ScoringServer:
 
     def close(self) -> None:
         self.server.stop(grace_s=30)
+
+
+def terminated_under_load(server: ScoringServer, body: str, clients: int = 4) -> tuple:
+    """SIGTERM to the server while ``clients`` threads post ``body`` in a loop: how each
+    request ended ("200", another status, "truncated", "connection closed") and the server's
+    exit status."""
+    host, port = server.url.removeprefix("http://").split(":")
+    outcomes: Counter = Counter()
+    stop = threading.Event()
+
+    def client() -> None:
+        connection = None
+        while not stop.is_set():
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                connection.request(
+                    "POST", "/invocations", body, {"Content-Type": "application/json"}
+                )
+                response = connection.getresponse()
+                answer = response.read()
+                json.loads(answer)
+                outcomes[str(response.status)] += 1
+            except (OSError, http.client.HTTPException):
+                outcomes["connection closed"] += 1
+                connection = None
+                stop.wait(0.05)
+            except ValueError:
+                outcomes["truncated"] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    while not outcomes["200"]:
+        time.sleep(0.05)
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        code = server.process.wait(timeout=60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return outcomes, code
 
 
 @pytest.fixture(scope="module")
@@ -502,6 +550,13 @@ def test_serve_champion_over_http(in_project, tmp_path):
             status, answer = server.post(body)
             assert status == 400, (what, status, answer[:500])
             assert says in json.loads(answer)["message"], (what, answer[-800:])
+        # `kill` while clients keep sending: every request gets its whole answer or a closed
+        # connection, never an error status or half a body; the server shuts down gracefully
+        # (uvicorn re-raises the signal once it has, so -SIGTERM with one worker, 0 with more).
+        outcomes, code = terminated_under_load(server, json.dumps({"inputs": x_test[:8].tolist()}))
+        assert code in (0, -signal.SIGTERM) and outcomes["200"] > 0, (code, outcomes)
+        assert set(outcomes) <= {"200", "connection closed"}, outcomes
+        assert "Application shutdown complete" in server.log.read_text()
     finally:
         server.close()
     # What `make serve` printed: its command line and the server's own lines, none of
