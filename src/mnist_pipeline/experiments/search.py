@@ -41,6 +41,9 @@ STORAGE_FILE = "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
 SWEEP_ATTR = "mlflow_sweep_id"
 OBJECTIVE_ATTR = "objective"
+#: The numbers of the trials a call never finished (killed, Ctrl-C, a crash): FAIL in Optuna,
+#: but not among the study's ``n_trials``, so the same command runs trials in their place.
+INTERRUPTED_ATTR = "interrupted_trials"
 
 _NODES = (
     ast.Expression,
@@ -196,6 +199,39 @@ def mark_study(sweep_dir: str | Path, info: dict[str, str], study_name: str) -> 
     info = {**info, "study": study_name}
     sweep_tracking.write_sweep(sweep_dir, info)
     return info
+
+
+def interrupted(study: Any) -> list[int]:
+    return list(study.user_attrs.get(INTERRUPTED_ATTR, []))
+
+
+def mark_interrupted(study: Any, numbers: list[int]) -> None:
+    """Tell Optuna the trials ``numbers`` failed and record that they were interrupted (not
+    that their parameters failed): ``trials_done`` leaves them out."""
+    import optuna
+
+    for number in numbers:
+        study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    if numbers:
+        study.set_user_attr(INTERRUPTED_ATTR, sorted({*interrupted(study), *numbers}))
+
+
+def fail_stale_trials(study: Any) -> list[int]:
+    """Mark FAIL, as interrupted, the trials an earlier call left RUNNING when it died
+    (SIGKILL; SIGINT and SIGTERM too: a stage exits at once on them, ``stages.cli``). Only one
+    call runs a study at a time (its MLflow parent run being open stops a second, checked
+    before this), so none of them is still alive."""
+    import optuna
+
+    stale = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    mark_interrupted(study, stale)
+    return stale
+
+
+def trials_done(study: Any) -> int:
+    """The trials that count towards ``n_trials``: all but the interrupted ones."""
+    skipped = set(interrupted(study))
+    return sum(t.number not in skipped for t in study.trials)
 
 
 def record_trial(trial: Any, parent_run_id: str, value: float | None, metrics: dict) -> None:
