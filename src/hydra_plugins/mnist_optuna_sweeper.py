@@ -118,11 +118,12 @@ class OptunaSweeper(Sweeper):
             objective.check_config(OmegaConf.select(base, "data.val_split"))
         storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
-        study = self._open_study(storage)
-        search.check_study(study, self.direction, objective)
         sweep_dir = self.config.hydra.sweep.dir
-        info = search.link_parent(study, sweep_dir)
-        stale = search.fail_stale_trials(study)
+        with search.claim_lock(storage, self.study_name):
+            study = self._open_study(storage)
+            search.check_study(study, self.direction, objective)
+            info = search.link_parent(study, sweep_dir)
+            stale = search.fail_stale_trials(study)
         if stale:
             log.warning(
                 "trials %s of an earlier call never finished: marked FAIL, and run again", stale

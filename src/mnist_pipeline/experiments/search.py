@@ -11,6 +11,7 @@ are the sweep machinery's (``mnist_pipeline.sweep_runs``).
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic
+from mnist_pipeline.core import atomic, locks
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import project_root
 from mnist_pipeline.experiments import sweep_tracking
@@ -174,6 +175,19 @@ def check_study(study: Any, direction: str, objective: Objective) -> None:
         )
 
 
+def study_lock(storage: str, study_name: str | None) -> Path:
+    key = hashlib.sha256(str(study_name).encode()).hexdigest()[:12]
+    return tracking.store_lock(f"study-{key}", storage)
+
+
+def claim_lock(storage: str, study_name: str | None) -> Any:
+    """The lock held while a call opens a study, takes its parent run and fails what an
+    earlier call left RUNNING (``core.locks``): two calls started together would otherwise
+    both find no parent and both run the study's trials."""
+    path = study_lock(storage, study_name)
+    return locks.exclusive(path, f"another call opening Optuna study {study_name!r}")
+
+
 def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     """Tie the study to one MLflow parent run: a new study keeps this sweep's parent; a
     resumed one takes back the parent of its first call (if it is still in the store), so
@@ -183,7 +197,16 @@ def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     tracking.close_dead_runs(tracking.ensure_experiment(info["experiment"]))
     previous = study.user_attrs.get(PARENT_ATTR)
     if previous and previous != info["parent_run_id"]:
-        resumed = sweep_tracking.resume_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
+        try:
+            resumed = sweep_tracking.resume_parent(
+                sweep_dir, previous, study.user_attrs[SWEEP_ATTR]
+            )
+        except ConfigError as exc:  # its parent run is open: another call runs the study
+            raise ConfigError(
+                f"Optuna study {study.study_name!r} is being run by another call ({exc}): one "
+                "call runs a study at a time; for trials in parallel use hydra.sweeper.n_jobs "
+                "(docs/hparams-search.md)"
+            ) from None
         if resumed is not None:
             log.info("study %s resumed: MLflow parent run %s", study.study_name, previous)
             return mark_study(sweep_dir, resumed, study.study_name)
