@@ -8,8 +8,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
 from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
+from tests.helpers.browser import draw
 from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
 from tests.helpers.workspace import tiny_dvc_project
@@ -275,36 +278,40 @@ def test_plots_page_opens_offline(project, tmp_path):
     assert charts == 3  # accuracy, loss, the confusion matrices
 
 
-def draw(page: Path) -> tuple[int, list[str]]:
-    """Open ``page`` in Chromium with every network request refused; return how many Vega
-    charts it drew and the page's errors (a script that failed, a request refused)."""
-    if not Path("/usr/bin/chromium").exists():
-        if os.environ.get("MNIST_REQUIRE_SERVICES"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    from playwright.sync_api import sync_playwright
+def test_a_killed_queue_worker_is_recovered_by_queue_kill(project):
+    """`dvc queue start`'s worker killed (SIGKILL to its process group: the OOM killer, a
+    closed session) while a queued experiment trains: `dvc queue status` still says Running
+    (DVC 3.67 does not look at the process); `dvc queue kill <name>`, the documented
+    recovery, makes it Failed, frees the queue, and leaves the workspace as it was."""
+    repo, env, _ = project
+    dvc(["dvc", "exp", "run", "--queue", "-n", "doomed", "-S", "train.epochs=100000"], repo, env)
+    # The worker daemonizes and keeps whatever output it was given: none, or a pipe never ends.
+    subprocess.run(
+        ["dvc", "queue", "start"],
+        cwd=repo,
+        env=env,
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    training = "params.`train.epochs` = '100000' and attributes.status = 'RUNNING'"
+    deadline = time.monotonic() + 180
+    while not client.search_runs([experiment], filter_string=training):  # the kill point
+        assert time.monotonic() < deadline, dvc(["dvc", "queue", "logs", "doomed"], repo, env)
+        time.sleep(0.2)
+    (info,) = (repo / ".dvc/tmp/exps/run").glob("*/*.json")  # DVC's record of the executor
+    os.killpg(os.getpgid(json.loads(info.read_text())["pid"]), signal.SIGKILL)
 
-    errors: list[str] = []
-
-    def only_files(route) -> None:
-        if route.request.url.startswith("file:"):
-            route.continue_()
-        else:
-            errors.append(f"request refused: {route.request.url}")
-            route.abort()
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
-        try:
-            context = browser.new_context(offline=True)
-            context.route("**/*", only_files)
-            tab = context.new_page()
-            tab.on("pageerror", lambda exc: errors.append(str(exc)))
-            tab.goto(page.as_uri(), wait_until="load")
-            tab.wait_for_selector(".vega-embed svg, .vega-embed canvas", timeout=15_000)
-            return tab.locator(".vega-embed svg.marks, .vega-embed canvas.marks").count(), errors
-        finally:
-            browser.close()
+    assert "Running" in dvc(["dvc", "queue", "status"], repo, env).stdout  # not truthful
+    dvc(["dvc", "queue", "kill", "doomed"], repo, env)
+    status = dvc(["dvc", "queue", "status"], repo, env).stdout
+    assert re.search(r"doomed\s+.*Failed", status) and "Running" not in status, status
+    dvc(["dvc", "queue", "remove", "--all"], repo, env)
+    git_status, dvc_status = workspace_state(repo, env)
+    assert git_status == "" and "Data and pipelines are up to date" in dvc_status
 
 
 # --- outputs changed behind DVC's back (issue 25, class 5); these run last: the damaged
