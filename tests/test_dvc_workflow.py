@@ -3,12 +3,16 @@ holding the project with its outputs committed (as in a fresh clone after `make 
 bad config values break nothing, tables are readable, plots draw offline, provenance holds."""
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -16,6 +20,7 @@ import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
 from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
+from tests.helpers.browser import draw
 from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
 from tests.helpers.workspace import tiny_dvc_project
@@ -33,6 +38,9 @@ def make_variable(name: str) -> str:
     raise AssertionError(f"no {name} in the Makefile")
 
 
+#: docs/failures.md's repair of a damaged file in DVC's cache: DVC re-hashes cache files that
+#: are not read-only, drops a damaged one, and `dvc repro` re-runs the stages that need it.
+REPAIR_CACHE = "chmod -R u+w .dvc/cache && dvc repro"
 #: `make exps`: experiment, params that differ, headline metrics (all six in --csv/--json).
 EXP_SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", make_variable("EXP_SHOW_DROP")]
 
@@ -270,33 +278,126 @@ def test_plots_page_opens_offline(project, tmp_path):
     assert charts == 3  # accuracy, loss, the confusion matrices
 
 
-def draw(page: Path) -> tuple[int, list[str]]:
-    """Open ``page`` in Chromium with every network request refused; return how many Vega
-    charts it drew and the page's errors (a script that failed, a request refused)."""
-    if not Path("/usr/bin/chromium").exists():
-        if os.environ.get("MNIST_REQUIRE_SERVICES"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    from playwright.sync_api import sync_playwright
+def test_a_killed_queue_worker_is_recovered_by_queue_kill(project):
+    """`dvc queue start`'s worker killed (SIGKILL to its process group: the OOM killer, a
+    closed session) while a queued experiment trains: `dvc queue status` still says Running
+    (DVC 3.67 does not look at the process); `dvc queue kill <name>`, the documented
+    recovery, makes it Failed, frees the queue, and leaves the workspace as it was."""
+    repo, env, _ = project
+    dvc(["dvc", "exp", "run", "--queue", "-n", "doomed", "-S", "train.epochs=100000"], repo, env)
+    # The worker daemonizes and keeps whatever output it was given: none, or a pipe never ends.
+    subprocess.run(
+        ["dvc", "queue", "start"],
+        cwd=repo,
+        env=env,
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    training = "params.`train.epochs` = '100000' and attributes.status = 'RUNNING'"
+    deadline = time.monotonic() + 180
+    while not client.search_runs([experiment], filter_string=training):  # the kill point
+        assert time.monotonic() < deadline, dvc(["dvc", "queue", "logs", "doomed"], repo, env)
+        time.sleep(0.2)
+    (info,) = (repo / ".dvc/tmp/exps/run").glob("*/*.json")  # DVC's record of the executor
+    os.killpg(os.getpgid(json.loads(info.read_text())["pid"]), signal.SIGKILL)
 
-    errors: list[str] = []
+    assert "Running" in dvc(["dvc", "queue", "status"], repo, env).stdout  # not truthful
+    dvc(["dvc", "queue", "kill", "doomed"], repo, env)
+    status = dvc(["dvc", "queue", "status"], repo, env).stdout
+    assert re.search(r"doomed\s+.*Failed", status) and "Running" not in status, status
+    dvc(["dvc", "queue", "remove", "--all"], repo, env)
+    git_status, dvc_status = workspace_state(repo, env)
+    assert git_status == "" and "Data and pipelines are up to date" in dvc_status
 
-    def only_files(route) -> None:
-        if route.request.url.startswith("file:"):
-            route.continue_()
-        else:
-            errors.append(f"request refused: {route.request.url}")
-            route.abort()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
-        try:
-            context = browser.new_context(offline=True)
-            context.route("**/*", only_files)
-            tab = context.new_page()
-            tab.on("pageerror", lambda exc: errors.append(str(exc)))
-            tab.goto(page.as_uri(), wait_until="load")
-            tab.wait_for_selector(".vega-embed svg, .vega-embed canvas", timeout=15_000)
-            return tab.locator(".vega-embed svg.marks, .vega-embed canvas.marks").count(), errors
-        finally:
-            browser.close()
+# --- outputs changed behind DVC's back (issue 25, class 5); these run last: the damaged
+# cache is repaired by re-running train, which leaves a new model (committed)
+
+EVALUATE = [sys.executable, "-m", "mnist_pipeline.evaluate", "--config-dir", ".", "--config-name"]
+
+
+def evaluate_by_hand(repo: Path, env: dict) -> str:
+    """The evaluate stage as dvc.yaml runs it: it must refuse in one line and write nothing."""
+    metrics = (repo / "reports/metrics.json").read_bytes()
+    result = dvc([*EVALUATE, "params"], repo, {**env, "PYTHONPATH": "src"}, ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert (repo / "reports/metrics.json").read_bytes() == metrics  # no metric from it
+    return errors[0]
+
+
+def edit_model_config(path: Path) -> None:
+    """A hand edit that still loads: the output layer's softmax made linear."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members["config.json"] = members["config.json"].replace(b'"softmax"', b'"linear"')
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "message"),
+    [
+        ("models/model.keras", "edit", "is not the model the train stage saved"),
+        ("data/processed/y_test.npy", "replace", "is not what the preprocess stage wrote"),
+        ("data/processed/x_test.npy", "truncate", "corrupt array file"),
+    ],
+)
+def test_an_output_changed_behind_dvcs_back_is_refused(project, path, change, message):
+    """evaluate run by hand refuses a model or an array changed after its stage wrote it
+    (one line, no metric); DVC's own check sees it too; `dvc checkout --force` restores it."""
+    import numpy as np
+
+    repo, env, _ = project
+    target = repo / path
+    original = target.read_bytes()
+    if change == "edit":
+        edit_model_config(target)
+    elif change == "replace":  # a valid array, other labels
+        np.save(target, (np.load(target) + 1) % 10)
+    else:
+        target.write_bytes(original[: len(original) // 2])
+    error = evaluate_by_hand(repo, env)
+    folder = str(Path(path).parent)
+    assert message in error and f"dvc checkout --force {folder}" in error, error
+    assert "modified" in dvc(["dvc", "status"], repo, env).stdout
+    dvc(["dvc", "checkout", "--force", folder], repo, env)
+    assert target.read_bytes() == original
+    assert "Data and pipelines are up to date" in dvc(["dvc", "status"], repo, env).stdout
+
+
+def test_a_damaged_cache_copy_is_refused_and_repaired(project):
+    """A file in .dvc/cache damaged in place (bit rot: DVC keeps its cache files read-only
+    and trusts them without re-hashing) comes back with `dvc checkout` and `dvc status` sees
+    nothing; evaluate refuses it; the documented repair makes DVC re-check its cache, drop
+    the damaged file and re-run what needs it."""
+    repo, env, _ = project
+    model = repo / "models/model.keras"
+    digest = hashlib.md5(model.read_bytes()).hexdigest()
+    cached = repo / ".dvc/cache/files/md5" / digest[:2] / digest[2:]
+    mode = cached.stat().st_mode
+    cached.chmod(0o644)
+    damaged = bytearray(cached.read_bytes())
+    damaged[-64:] = bytes(64)  # same size, zeros at the end of the weights
+    cached.write_bytes(bytes(damaged))
+    cached.chmod(mode)
+    model.unlink()
+    dvc(["dvc", "checkout", "models"], repo, env)
+    assert model.read_bytes() == damaged
+    assert "Data and pipelines are up to date" in dvc(["dvc", "status"], repo, env).stdout
+    error = evaluate_by_hand(repo, env)
+    assert "is not the model the train stage saved" in error, error
+
+    repair = dvc(["sh", "-c", REPAIR_CACHE], repo, env)
+    assert "Running stage 'train'" in repair.stdout and "Running stage 'evaluate'" in repair.stdout
+    assert not cached.exists() or hashlib.md5(cached.read_bytes()).hexdigest() == digest
+    assert "Data and pipelines are up to date" in dvc(["dvc", "status"], repo, env).stdout
+    run = json.loads((repo / "models/run.json").read_text())
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == run["model_sha256"]
+    git_commit(repo, env, message="the model retrained after the repair")

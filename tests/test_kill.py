@@ -3,9 +3,6 @@ then hold a partial file, and running the stage again must complete with the sam
 
 import json
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ from mnist_pipeline.stages.artifacts import MNIST_FILES
 from mnist_pipeline.stages.download import content_sha256
 from tests.helpers.config import sha_overrides
 from tests.helpers.data import make_mirror
-from tests.helpers.processes import start_stage
+from tests.helpers.processes import kill_when, start_stage
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +22,6 @@ def finish(stage: str, cwd: Path, env: dict, *overrides: str) -> None:
     proc = start_stage(stage, cwd, env, *overrides)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
-    """SIGKILL ``proc`` the moment ``ready()`` is true (polled every 2 ms)."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def writing(folder: Path) -> bool:

@@ -167,7 +167,8 @@ def test_stages_out_of_order_say_what_to_run(tiny_cfg):
 def test_corrupt_model_is_refused(prepared):
     train.train(prepared)
     (Path(prepared.paths.models) / "model.keras").write_bytes(b"not a zip")
-    with pytest.raises(PipelineError, match="not a loadable Keras model"):
+    # Its hash differs from the one run.json records: refused before Keras reads it.
+    with pytest.raises(PipelineError, match="is not the model the train stage saved"):
         evaluate.evaluate(prepared)
 
 

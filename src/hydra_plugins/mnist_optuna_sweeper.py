@@ -118,20 +118,23 @@ class OptunaSweeper(Sweeper):
             objective.check_config(OmegaConf.select(base, "data.val_split"))
         storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
-        study = self._open_study(storage)
-        search.check_study(study, self.direction, objective)
         sweep_dir = self.config.hydra.sweep.dir
-        info = search.link_parent(study, sweep_dir)
-        stale = fail_stale_trials(study)
+        with search.claim_lock(storage, self.study_name):
+            study = self._open_study(storage)
+            search.check_study(study, self.direction, objective)
+            info = search.link_parent(study, sweep_dir)
+            stale = search.fail_stale_trials(study)
         if stale:
-            log.warning("trials %s of an earlier call never finished: marked FAIL", stale)
+            log.warning(
+                "trials %s of an earlier call never finished: marked FAIL, and run again", stale
+            )
         study.sampler = self._sampler(len(study.trials))
-        to_go = self.n_trials - len(study.trials)
+        to_go = self.n_trials - search.trials_done(study)
         log.info(
             "Optuna study %s in %s: %d trials so far, %d to run, %d at a time; objective %s (%s)",
             study.study_name,
             address.redact(storage),
-            len(study.trials),
+            search.trials_done(study),
             max(to_go, 0),
             self.n_jobs,
             objective.expression,
@@ -231,7 +234,8 @@ class OptunaSweeper(Sweeper):
         parent_run_id: str,
     ) -> list[JobReturn]:
         """Launch one batch of trials and tell Optuna how each went. Trials asked but never
-        launched (an invalid override, Ctrl-C) are told FAIL, never left RUNNING."""
+        launched (an invalid override, Ctrl-C) are told FAIL as interrupted, never left
+        RUNNING, and the same command runs trials in their place."""
         import optuna
 
         from mnist_pipeline.experiments import search
@@ -261,8 +265,7 @@ class OptunaSweeper(Sweeper):
                     raise error  # every later trial would fail the same way
             return returns
         finally:
-            for trial in pending.values():
-                study.tell(trial, state=FAIL)
+            search.mark_interrupted(study, list(pending))
 
 
 def outcome(ret: JobReturn, objective: Any) -> tuple[dict, float | None, Exception | None]:
@@ -379,17 +382,6 @@ def consecutive(trials: list[Any]) -> list[list[Any]]:
         else:
             groups.append([trial])
     return groups
-
-
-def fail_stale_trials(study: Any) -> list[int]:
-    """Mark FAIL the trials an earlier call left RUNNING when it died: only one call runs a
-    study at a time (its MLflow parent run being open stops a second), so none is alive."""
-    import optuna
-
-    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in stale:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return [t.number for t in stale]
 
 
 def to_plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.project import CONF_DIR
 from mnist_pipeline.experiments.sweep import run_job
-from mnist_pipeline.stages.cli import run_stage
+from mnist_pipeline.stages.cli import run_stage, stop_at_once_on_signals
 from mnist_pipeline.stages.runner import run_pipeline
 
 
@@ -37,4 +37,8 @@ def main(raw: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
+    # Before Hydra starts: a sweep's process stops at once on Ctrl-C or SIGTERM too, like a
+    # stage, rather than unwinding from inside a store write (its runs and trials left open
+    # are closed by the next command).
+    stop_at_once_on_signals()
     main()

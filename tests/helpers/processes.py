@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -52,3 +53,19 @@ def run_stage(
     )
     result.seconds = time.monotonic() - started
     return result
+
+
+def kill_when(
+    proc: subprocess.Popen, ready, timeout: float = 120, signum: int = signal.SIGKILL
+) -> None:
+    """Send ``signum`` (SIGKILL) to ``proc`` the moment ``ready()`` is true (polled every
+    2 ms): a kill point that waits for a marker, never for a sleep."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished before the kill point: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    proc.wait(timeout=60)
+    # SIGKILL ends it at once; a stage exits 128 + N on SIGINT and SIGTERM (stages.cli).
+    assert proc.returncode in (-signum, 128 + signum), proc.returncode

@@ -11,6 +11,7 @@ are the sweep machinery's (``mnist_pipeline.sweep_runs``).
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic
+from mnist_pipeline.core import atomic, locks
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import project_root
 from mnist_pipeline.experiments import sweep_tracking
@@ -41,6 +42,9 @@ STORAGE_FILE = "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
 SWEEP_ATTR = "mlflow_sweep_id"
 OBJECTIVE_ATTR = "objective"
+#: The numbers of the trials a call never finished (killed, Ctrl-C, a crash): FAIL in Optuna,
+#: but not among the study's ``n_trials``, so the same command runs trials in their place.
+INTERRUPTED_ATTR = "interrupted_trials"
 
 _NODES = (
     ast.Expression,
@@ -171,6 +175,19 @@ def check_study(study: Any, direction: str, objective: Objective) -> None:
         )
 
 
+def study_lock(storage: str, study_name: str | None) -> Path:
+    key = hashlib.sha256(str(study_name).encode()).hexdigest()[:12]
+    return tracking.store_lock(f"study-{key}", storage)
+
+
+def claim_lock(storage: str, study_name: str | None) -> Any:
+    """The lock held while a call opens a study, takes its parent run and fails what an
+    earlier call left RUNNING (``core.locks``): two calls started together would otherwise
+    both find no parent and both run the study's trials."""
+    path = study_lock(storage, study_name)
+    return locks.exclusive(path, f"another call opening Optuna study {study_name!r}")
+
+
 def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     """Tie the study to one MLflow parent run: a new study keeps this sweep's parent; a
     resumed one takes back the parent of its first call (if it is still in the store), so
@@ -180,7 +197,16 @@ def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     tracking.close_dead_runs(tracking.ensure_experiment(info["experiment"]))
     previous = study.user_attrs.get(PARENT_ATTR)
     if previous and previous != info["parent_run_id"]:
-        resumed = sweep_tracking.resume_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
+        try:
+            resumed = sweep_tracking.resume_parent(
+                sweep_dir, previous, study.user_attrs[SWEEP_ATTR]
+            )
+        except ConfigError as exc:  # its parent run is open: another call runs the study
+            raise ConfigError(
+                f"Optuna study {study.study_name!r} is being run by another call ({exc}): one "
+                "call runs a study at a time; for trials in parallel use hydra.sweeper.n_jobs "
+                "(docs/hparams-search.md)"
+            ) from None
         if resumed is not None:
             log.info("study %s resumed: MLflow parent run %s", study.study_name, previous)
             return mark_study(sweep_dir, resumed, study.study_name)
@@ -196,6 +222,39 @@ def mark_study(sweep_dir: str | Path, info: dict[str, str], study_name: str) -> 
     info = {**info, "study": study_name}
     sweep_tracking.write_sweep(sweep_dir, info)
     return info
+
+
+def interrupted(study: Any) -> list[int]:
+    return list(study.user_attrs.get(INTERRUPTED_ATTR, []))
+
+
+def mark_interrupted(study: Any, numbers: list[int]) -> None:
+    """Tell Optuna the trials ``numbers`` failed and record that they were interrupted (not
+    that their parameters failed): ``trials_done`` leaves them out."""
+    import optuna
+
+    for number in numbers:
+        study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    if numbers:
+        study.set_user_attr(INTERRUPTED_ATTR, sorted({*interrupted(study), *numbers}))
+
+
+def fail_stale_trials(study: Any) -> list[int]:
+    """Mark FAIL, as interrupted, the trials an earlier call left RUNNING when it died
+    (SIGKILL; SIGINT and SIGTERM too: a stage exits at once on them, ``stages.cli``). Only one
+    call runs a study at a time (its MLflow parent run being open stops a second, checked
+    before this), so none of them is still alive."""
+    import optuna
+
+    stale = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    mark_interrupted(study, stale)
+    return stale
+
+
+def trials_done(study: Any) -> int:
+    """The trials that count towards ``n_trials``: all but the interrupted ones."""
+    skipped = set(interrupted(study))
+    return sum(t.number not in skipped for t in study.trials)
 
 
 def record_trial(trial: Any, parent_run_id: str, value: float | None, metrics: dict) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import log_filter
+from mnist_pipeline.core import locks, log_filter
 from mnist_pipeline.core.config import PipelineConfig
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.stages import artifacts
@@ -269,7 +269,16 @@ def decide(candidate: Version, champion: Version | None, cfg: PipelineConfig) ->
 
 def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False) -> bool:
     """Move `champion` to the candidate (or ``version``) if the rule allows or ``force``.
-    Prints the comparison and the decision; returns whether champion now points at it."""
+    Prints the comparison and the decision; returns whether champion now points at it.
+
+    One promotion at a time (a lock beside the store): the champion is read, judged and
+    replaced as one step, so two at once end as if run one after the other, the second
+    judged against the first's champion, never the last writer winning against the rule."""
+    with locks.exclusive(tracking.store_lock("promote"), "another register --promote"):
+        return _promote(cfg, version, force)
+
+
+def _promote(cfg: PipelineConfig, version: str | None, force: bool) -> bool:
     name = cfg.registry.model_name
     candidate = load_version(name, CANDIDATE, version)
     if candidate is None:
@@ -284,15 +293,19 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
         print(f"unchanged: version {candidate.number} is already the champion")
         return True
     objections = decide(candidate, champion, cfg)
+    client = tracking.client()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if objections and not force:
+        # The history says what each promotion did, a refused one too.
+        against = f"champion {champion.number}" if champion else "no champion"
+        refused = f"{stamp} against {against}: {'; '.join(objections)}"
+        client.set_model_version_tag(name, candidate.number, "refused", refused)
         print(
             f"refused: version {candidate.number} stays candidate: {'; '.join(objections)} "
             "(--force promotes it anyway)"
         )
         return False
-    client = tracking.client()
     client.set_registered_model_alias(name, CHAMPION, candidate.number)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     how = "forced over: " + "; ".join(objections) if objections else "by the rule"
     client.set_model_version_tag(name, candidate.number, "promoted", f"{stamp} {how}")
     if champion is not None:

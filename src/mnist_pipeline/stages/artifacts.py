@@ -43,6 +43,14 @@ NUM_CLASSES = 10
 INPUT_DIM = 28 * 28
 
 SPLITS = ("train", "val", "test")
+#: How an output changed behind DVC's back is put back (docs/failures.md, class 10). DVC
+#: trusts its read-only cache files without re-hashing them (dvc-data 3.18.3,
+#: ``LocalHashFileDB.check``), so a damaged copy there comes back with each checkout; made
+#: writable, they are re-hashed, a damaged one is dropped and `dvc repro` re-runs its stage.
+RESTORE = (
+    "restore it with: dvc checkout --force {path} (if this error comes back, DVC's cache "
+    "copy is damaged too: chmod -R u+w .dvc/cache && dvc repro)"
+)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
@@ -117,9 +125,37 @@ def load_processed(
         x, y = (np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in paths)
     except ValueError as exc:
         raise DataError(
-            f"{folder}: corrupt array file ({exc}); re-run the preprocess stage"
+            f"{folder}: corrupt array file ({exc}); {RESTORE.format(path=folder)}"
         ) from None
     return x, y
+
+
+def verify_processed(
+    folder: str | Path, loaded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> str:
+    """The processed arrays' content hash, refused unless it is the one preprocess recorded
+    in the manifest: an array replaced, truncated or edited after preprocess (by hand, or a
+    damaged copy that ``dvc checkout`` brought back from ``.dvc/cache``) would otherwise give
+    a model or metrics that ``dvc.lock`` records under the data it replaced. ``loaded`` as
+    for ``recompute_hash``: the arrays the caller uses are the ones checked."""
+    digest = recompute_hash(folder, loaded)
+    recorded = data_hash(folder)
+    if digest != recorded:
+        raise DataError(
+            f"{folder} is not what the preprocess stage wrote (its arrays hash to "
+            f"{digest[:12]}, its manifest records {recorded[:12]}): a file there was changed "
+            f"after preprocess, so nothing was computed from it; {RESTORE.format(path=folder)}"
+        )
+    return digest
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def data_hash(folder: str | Path) -> str:
@@ -153,14 +189,31 @@ def manifest_key(folder: Path) -> str | None:
 # --- the model and its run reference ----------------------------------------------------
 
 
-def save_model(model: keras.Model, folder: Path, outputs: atomic.Staged) -> None:
-    model.save(outputs.path(folder / MODEL_FILE))
+def save_model(model: keras.Model, folder: Path, outputs: atomic.Staged) -> str:
+    """Stage the model file; return its SHA-256, which ``run.json`` records so that evaluate
+    can tell the file is still the one saved (``load_model``)."""
+    path = outputs.path(folder / MODEL_FILE)
+    model.save(path)
+    return file_sha256(path)
 
 
-def load_model(folder: str | Path) -> keras.Model:
+def load_model(folder: str | Path, sha256: str | None = None) -> keras.Model:
     """Load the saved model in Keras safe mode (no arbitrary code from the file is run), for
-    evaluation: it must fit the pipeline and carry its loss (``compile``)."""
+    evaluation: it must be the file the train stage saved (``sha256``, from ``run.json``),
+    fit the pipeline and carry its loss (``compile``).
+
+    The file's hash is checked first: a model edited or replaced after training (or a damaged
+    copy from ``.dvc/cache``) may still load, and its metrics would then be added to the
+    training run of another model."""
     path = Path(folder) / MODEL_FILE
+    if sha256 is not None:
+        actual = file_sha256(atomic.require(path, "train"))
+        if actual != sha256:
+            raise PipelineError(
+                f"{path} is not the model the train stage saved (sha256 {actual[:12]}, "
+                f"{RUN_FILE} records {sha256[:12]}): it was changed after training, so no "
+                f"metric was computed from it; {RESTORE.format(path=folder)}"
+            )
     model = load_model_file(path)
     if not getattr(model, "compiled", True) or getattr(model, "loss", None) is None:
         raise PipelineError(

@@ -24,12 +24,18 @@ def run_stage(stage: Callable[[PipelineConfig], Any], cfg: DictConfig) -> Any:
     (``quiet``).
     """
     log_filter.filter_native_stderr()
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+    stop_at_once_on_signals()
     with exit_on_error(store=tracking.store_label):
         config = load_config(cfg)
         tracking.check_store(tracking.tracking_uri())
         return stage(config)
+
+
+def stop_at_once_on_signals() -> None:
+    """SIGTERM and Ctrl-C end this process at once with one line (``_terminate``): a stage,
+    and a sweep (its parent process runs the basic launcher's jobs in itself)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -38,7 +44,8 @@ def _terminate(signum: int, frame: Any) -> None:
     Unwinding from wherever the signal lands (inside an MLflow database write, say) can
     leave the SQLite store locked, so this exits without touching it. Outputs are safe, since
     every file is written atomically; the run left RUNNING is marked KILLED by the next run
-    on this machine (tracking.close_dead_runs)."""
+    on this machine (tracking.close_dead_runs), an Optuna trial left RUNNING FAIL by the
+    next call of its study (``search.fail_stale_trials``)."""
     os.write(
         log_filter.stderr_fd(),
         f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode(),

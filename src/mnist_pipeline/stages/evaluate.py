@@ -96,8 +96,11 @@ def evaluate(cfg: PipelineConfig) -> dict:
     # records the experiment; checked now and again just before the reports are put in place.
     guard = ParamsGuard(stage_params("train"))
     guard.check(run.get("params_yaml"), what="the model was trained")
+    # Only the files the train and preprocess stages wrote: one changed behind DVC's back
+    # (by hand, or a damaged copy from .dvc/cache) is refused before any metric is computed.
     x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
-    model = artifacts.load_model(models)
+    artifacts.verify_processed(cfg.paths.processed, {"test": (x_test, y_test)})
+    model = artifacts.load_model(models, run.get("model_sha256"))
     probabilities, test_loss = predict_with_loss(model, x_test, y_test)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_test, predicted)

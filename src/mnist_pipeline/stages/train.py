@@ -66,7 +66,10 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
     if dist.chief:
         artifacts.clear_run_ref(models)
     x_val, y_val = artifacts.load_processed(processed, "val")
-    digest = used_data_hash(processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)})
+    # Refused unless they are the arrays preprocess wrote (an array changed behind DVC's back).
+    digest = artifacts.verify_processed(
+        processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)}
+    )
     example = np.array(x_mapped[:5])
     seed_everything(cfg.seed)
     # After seed_everything: its clear_session resets Keras's global state.
@@ -180,23 +183,6 @@ def fit(
     return history
 
 
-def used_data_hash(folder: Path, loaded: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
-    """The content hash of the arrays this training reads (``artifacts.recompute_hash``, the
-    one hash), not the one preprocess wrote in its manifest: a file replaced by hand after
-    preprocess would otherwise be recorded under the data it replaced."""
-    digest = artifacts.recompute_hash(folder, loaded)
-    recorded = artifacts.data_hash(folder)
-    if digest != recorded:
-        log.warning(
-            "%s differs from what the preprocess stage wrote (data hash %s, recorded %s); "
-            "the run records the data actually used",
-            folder,
-            digest[:12],
-            recorded[:12],
-        )
-    return digest
-
-
 def publish(
     cfg: PipelineConfig,
     run: mlflow.ActiveRun,
@@ -219,7 +205,7 @@ def publish(
         # in MLflow is then the final model's, not the last epoch's.
         tracking.log_metrics(final_val, step=metrics["epochs_run"] + 1)
     artifacts.write_history(reports, history, outputs)
-    artifacts.save_model(model, models, outputs)
+    model_sha256 = artifacts.save_model(model, models, outputs)
     model_uri = tracking.log_keras_model(model, example)
     tracking.set_tags({"model_uri": model_uri})
     artifacts.write_run_ref(
@@ -228,6 +214,7 @@ def publish(
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
             "model_uri": model_uri,
+            "model_sha256": model_sha256,
             "train_metrics": {k: float(v) for k, v in metrics.items()},
             "fit_seconds": round(fit_seconds, 3),
             # What params.yaml said when training began (None outside DVC): evaluate checks

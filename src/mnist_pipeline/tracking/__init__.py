@@ -46,6 +46,7 @@ from mnist_pipeline.tracking.store import (
     ensure_experiment,
     require_existing_store,
     store_label,
+    store_lock,
     tracking_uri,
 )
 
@@ -81,5 +82,6 @@ __all__ = [
     "set_tags",
     "start_run",
     "store_label",
+    "store_lock",
     "tracking_uri",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,15 +137,30 @@ def close_dead_runs(experiment_id: str) -> list[str]:
         filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
     )
     closed = []
-    for run in stale:
+    # Children first, so that a parent (a sweep's) counts them as they end.
+    for run in sorted(stale, key=lambda r: "mlflow.parentRunId" not in r.data.tags):
         pid = int(run.data.tags.get("process.pid", "0"))
         if pid <= 0 or pid == os.getpid() or _alive(pid):
             continue
-        store.set_tag(run.info.run_id, "error", dead_run_reason(pid, run.data.tags))
+        reason = dead_run_reason(pid, run.data.tags) + _children(store, run)
+        store.set_tag(run.info.run_id, "error", reason)
         store.set_terminated(run.info.run_id, status="KILLED")
-        log.warning("marked run %s KILLED: its process %d is gone", run.info.run_id, pid)
+        log.warning("marked run %s KILLED: %s", run.info.run_id, reason)
         closed.append(run.info.run_id)
     return closed
+
+
+def _children(store: Any, run: Any) -> str:
+    """How far a run with child training runs got (a sweep's parent: how many of its jobs
+    finished), for the reason it was left open; empty for a run without any."""
+    children = store.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.stage = 'train'",
+    )
+    if not children:
+        return ""
+    counts = Counter(child.info.status for child in children)
+    return "; its jobs' training runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
 
 def dead_run_reason(pid: int, tags: dict[str, str]) -> str:

@@ -7,10 +7,12 @@ the project is ``configured_mlflow``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import sqlite3
+import tempfile
 import urllib.error
 import urllib.request
 from functools import cache
@@ -40,6 +42,19 @@ def tracking_uri() -> str:
     ``address.normalise``), else the project's own SQLite store."""
     raw = os.environ.get("MLFLOW_TRACKING_URI", "")
     return address.normalise(raw) if raw.strip() else default_tracking_uri()
+
+
+def store_lock(purpose: str, uri: str | None = None) -> Path:
+    """The file whose lock serialises one kind of write to a store (``core.locks``; by
+    default the MLflow store, or the database ``uri``, an Optuna storage say): beside a
+    SQLite database, so every process using that file shares it; for a server or PostgreSQL,
+    one per address on this machine (processes on other machines are not serialised)."""
+    uri = uri or tracking_uri()
+    database = address.sqlite_path(uri)
+    if database is not None:
+        return database.with_name(f"{database.name}.{purpose}.lock")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mnist-pipeline-{key}.{purpose}.lock"
 
 
 def store_label() -> str:

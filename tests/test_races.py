@@ -1,0 +1,118 @@
+"""Shared state raced (issue 25, class 4): two commands that read, decide and write the same
+state at once. Each race is made to happen, not hoped for: the test holds the lock the
+commands take, starts both, waits until both say they are waiting for it, and lets them go
+together; without the lock neither waits and the test fails at that point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from mnist_pipeline import tracking
+from mnist_pipeline.core import locks
+
+pytestmark = pytest.mark.slow
+
+
+def start(workdir: Path, env: dict, log: Path, module: str, *args: str) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"mnist_pipeline.{module}", *args],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def released_together(lock: Path, procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Hold ``lock`` until every process says it waits for it; then let them all go."""
+    with locks.exclusive(lock, "the test"):
+        deadline = time.monotonic() + 120
+        while not all(f"another process holds {lock}" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            time.sleep(0.05)
+    for proc in procs:
+        proc.wait(timeout=300)
+
+
+def test_two_promotions_at_once_end_with_the_rules_champion(tracking_store, workdir, tmp_path):
+    """Versions 2 (0.92) and 3 (0.95) promoted at once over champion 1 (0.90): whichever goes
+    first, version 3 ends champion (version 2 never replaces it: it does not beat it), and
+    each version's tags say what its promotion did."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model("mnist")
+    experiment = tracking.ensure_experiment("mnist")
+    for accuracy in ("0.90", "0.92", "0.95"):  # as `register` tags them; no model is loaded
+        run = client.create_run(experiment)
+        client.set_terminated(run.info.run_id)
+        tags = {"test_accuracy": accuracy, "accuracy_gap": "0.01"}
+        client.create_model_version("mnist", str(tmp_path), run.info.run_id, tags=tags)
+    client.set_registered_model_alias("mnist", "champion", "1")
+
+    env = dict(os.environ)
+    logs = [tmp_path / f"promote-{v}.log" for v in (2, 3)]
+    procs = [
+        start(workdir, env, log, "register", "--promote", "--version", str(v))
+        for v, log in zip((2, 3), logs, strict=True)
+    ]
+    released_together(tracking.store_lock("promote"), procs, logs)
+
+    two, three = (client.get_model_version("mnist", v).tags for v in ("2", "3"))
+    assert procs[1].returncode == 0, logs[1].read_text()
+    assert "promoted: version 3 is champion" in logs[1].read_text()
+    assert str(client.get_model_version_by_alias("mnist", "champion").version) == "3"
+    assert "by the rule" in three["promoted"]
+    if procs[0].returncode == 0:  # version 2 went first: promoted over 1, then replaced
+        assert "by the rule" in two["promoted"] and two["replaced_version"] == "1"
+        assert three["replaced_version"] == "2"
+    else:  # version 3 went first: version 2 was judged against it
+        assert procs[0].returncode == 1, logs[0].read_text()
+        assert "refused: version 2 stays candidate" in logs[0].read_text()
+        assert "against champion 3" in two["refused"] and "does not beat" in two["refused"]
+        assert three["replaced_version"] == "1" and "promoted" not in two
+
+
+@pytest.mark.heavy
+def test_two_calls_of_one_study_at_once_run_it_once(
+    tiny_mirror, tracking_store, workdir, tmp_path, monkeypatch
+):
+    """The same study command twice at once: one call runs the study to its n_trials, the
+    other stops in one line naming the call that runs it; no duplicate trial, and no run
+    left RUNNING."""
+    from mnist_pipeline.experiments import search
+    from tests.helpers.config import sha_overrides
+
+    monkeypatch.delenv(search.STORAGE_ENV, raising=False)
+    env = {**os.environ, "MNIST_MIRROR": str(tiny_mirror[0])}
+    command = ["-m", "hparams_search=mnist_optuna", "train.epochs=1", "hydra.sweeper.n_trials=1"]
+    logs = [tmp_path / f"study-{i}.log" for i in (1, 2)]
+    procs = [
+        start(workdir, env, log, "pipeline", *command, *sha_overrides(tiny_mirror[1]))
+        for log in logs
+    ]
+    storage = search.storage_url(None)
+    released_together(search.study_lock(storage, "mnist_optuna"), procs, logs)
+
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], [log.read_text()[-2000:] for log in logs]
+    refused = logs[codes.index(1)].read_text()
+    errors = [line for line in refused.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is being run by another call" in errors[0], refused[-2000:]
+    study = optuna.load_study(study_name="mnist_optuna", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    running = mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string="attributes.status = 'RUNNING'",
+    )
+    assert running == []
