@@ -336,6 +336,11 @@ def test_register_promote_and_refuse(in_project, capsys):
     assert mv.tags["data_sha256"] == run.data.tags["data.content_sha256"]
     assert mv.tags["git_commit"] == run.data.tags["git.commit"]
     assert run.info.status == "FINISHED"  # logging the serving model did not reopen it
+    # The serving model is the run's, in its experiment (and its artifact folder), not in
+    # MLflow's "Default" experiment under ./mlruns.
+    serving_model = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert serving_model.experiment_id == run.info.experiment_id
+    assert not (work / "mlruns").exists()
 
     assert registry.main(["--promote", *loose]) == 0
     out = capsys.readouterr().out

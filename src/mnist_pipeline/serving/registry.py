@@ -143,6 +143,10 @@ def log_serving_model(run: Any) -> str:
     requirements = [
         f"{p}=={package_version(p)}" for p in ("mlflow", "tensorflow", "keras", "numpy", "pandas")
     ]
+    # Model.log makes the model in the process's active experiment, which is MLflow's
+    # "Default" (0) when none is set, not the run's (3.17.2: the run's is only a fallback for
+    # no experiment at all, mlflow/mlflow#15491): its files would land in ./mlruns/0.
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp, no_pip_version_warning():
         keras_file = Path(tmp) / artifacts.MODEL_FILE
         keras_model.save(keras_file)
