@@ -101,6 +101,27 @@ def test_to_mnist_keeps_an_mnist_digit_as_it_is():
     assert np.abs(once - twice).max() < 0.15
 
 
+def test_example_digits_are_pictures_predict_reads(tmp_path, monkeypatch):
+    """tools/example_digits.py (the README's `digits/`): every file but the text one is a
+    picture `predict` turns into MNIST's format."""
+    from tools import example_digits
+
+    monkeypatch.chdir(tmp_path)
+    images_, labels = rendered_digits(8, seed=3)
+    (tmp_path / "data/raw").mkdir(parents=True)
+    for key, array in (("test_images", images_), ("test_labels", labels)):
+        write_idx(tmp_path / "data/raw" / MNIST_FILES[key], array)
+    files = example_digits.write(tmp_path / "digits")
+    assert len(files) == 12 and len({f.name for f in files}) == 12
+    for f in files:
+        if f.suffix == ".txt":
+            with pytest.raises(DataError, match="not an image file"):
+                images.image_to_pixels(f)
+        else:
+            pixels = images.image_to_pixels(f)
+            assert pixels.shape == (784,) and pixels.max() == pytest.approx(1.0), f.name
+
+
 def test_load_image_refuses_what_is_not_a_picture(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
@@ -725,6 +746,20 @@ def test_predict_never_creates_a_store(tmp_path, capsys, monkeypatch):
     assert exit_code(predict.main, ["--model", "models:/mnist@champion", "a.png"]) == 1
     assert f"error: no MLflow store at {missing}" in capsys.readouterr().err
     assert not missing.exists() and not missing.parent.exists()
+
+
+def test_predict_with_no_picture_to_read_says_so_before_loading_a_model(
+    tmp_path, capsys, monkeypatch
+):
+    """Only missing paths: their lines at once, without the seconds of loading the model (a
+    model that does not exist is not even looked for)."""
+    from mnist_pipeline.serving import predict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert exit_code(predict.main, ["--model", "no-such.keras", "digits/", "empty"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: digits/: no such file", "error: empty: folder has no files"], err
 
 
 def test_predict_says_which_model_is_missing(tmp_path, capsys, monkeypatch, tracking_store):
