@@ -67,7 +67,7 @@ $(ALL_STAMP): $(STAMP)
 	$(SYNC) --all-extras
 	@touch $@
 
-## Run the pipeline: download -> preprocess -> train -> evaluate (only what changed).
+## Run the pipeline: check -> download -> preprocess -> train -> evaluate (only what changed).
 repro: setup
 	dvc repro
 
@@ -147,5 +147,5 @@ server: $(SERVER_STAMP)
 ## This list: one line per target (the first line of the `##` comment above each).
 help:
 	@awk '/^## / { if (!doc) doc = substr($$0, 4); next } \
-		/^[a-zA-Z_-]+:/ { if (doc) printf "  make %-10s %s\n", substr($$1, 1, length($$1) - 1), doc } \
+		/^[a-zA-Z_-]+:/ { if (doc) printf "  make %-12s %s\n", substr($$1, 1, length($$1) - 1), doc } \
 		{ doc = "" }' $(firstword $(MAKEFILE_LIST))
