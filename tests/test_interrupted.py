@@ -94,10 +94,12 @@ def test_a_killed_sweep_says_how_many_jobs_finished(tiny_mirror, workdir, env):
     log = workdir.parent / "sweep.log"
     proc = start(workdir, env, log, "-m", "model.units=8,16,24", "train.epochs=1", *sha)
 
-    def second_job_training() -> bool:
-        return training() and bool(runs("tags.stage = 'train' and attributes.status = 'FINISHED'"))
+    def second_job_running() -> bool:  # job 0 has finished by then (one job at a time)
+        return bool(
+            runs("tags.sweep_job = '1' and tags.stage = 'train' and attributes.status = 'RUNNING'")
+        )
 
-    kill_when(proc, second_job_training, signum=signal.SIGINT)
+    kill_when(proc, second_job_running, signum=signal.SIGINT)
     assert "error: stopped by signal 2; the next run marks this run KILLED" in log.read_text()
     assert "Traceback" not in log.read_text()
     (parent,) = runs("tags.sweep_role = 'parent'")

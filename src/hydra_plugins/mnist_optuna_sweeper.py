@@ -119,8 +119,8 @@ class OptunaSweeper(Sweeper):
         storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
         sweep_dir = self.config.hydra.sweep.dir
+        study = self._open_study(storage)  # the lock goes beside the storage it opened
         with search.claim_lock(storage, self.study_name):
-            study = self._open_study(storage)
             search.check_study(study, self.direction, objective)
             info = search.link_parent(study, sweep_dir)
             stale = search.fail_stale_trials(study)

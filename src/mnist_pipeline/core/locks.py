@@ -21,10 +21,10 @@ from mnist_pipeline.core.errors import PipelineError
 
 @contextmanager
 def exclusive(path: Path, what: str, timeout_s: float = 300.0) -> Iterator[None]:
-    """Hold the lock on ``path`` (created if needed) for the block. When another process
-    holds it, say once on stderr that this one waits for ``what``, and wait up to
-    ``timeout_s`` before refusing in one line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Hold the lock on ``path`` (the file is created if needed; its folder must exist: a
+    lock never makes folders) for the block. When another process holds it, say once on
+    stderr that this one waits for ``what``, and wait up to ``timeout_s`` before refusing
+    in one line."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         deadline = time.monotonic() + timeout_s

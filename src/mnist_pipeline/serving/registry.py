@@ -278,6 +278,7 @@ def promote(cfg: PipelineConfig, version: str | None = None, force: bool = False
     One promotion at a time (a lock beside the store): the champion is read, judged and
     replaced as one step, so two at once end as if run one after the other, the second
     judged against the first's champion, never the last writer winning against the rule."""
+    tracking.require_existing_store()  # the lock goes beside it: nothing is created
     with locks.exclusive(tracking.store_lock("promote"), "another register --promote"):
         return _promote(cfg, version, force)
 
