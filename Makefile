@@ -158,7 +158,7 @@ cluster: $(ALL_STAMP)
 
 ## Remove the cluster: its processes, namespaces, links and state.
 cluster-down:
-	python3 tools/cluster.py down
+	python3 -m tools.cluster down
 
 ## This list: one line per target (the first line of the `##` comment above each).
 help:

@@ -111,9 +111,9 @@ def check_credentials(uri: str, timeout_s: float) -> None:
     except urllib.error.HTTPError as exc:
         if exc.code not in (401, 403):
             return  # not about who is asking: the stage's own request will say
-        who = f"user {user!r}" if user and password else "its token" if token else None
+        who = f"user {user!r}" if user and password else "MLFLOW_TRACKING_TOKEN" if token else None
         if exc.code == 403:
-            advice = f"{who} has no permission there; ask the server's admin"
+            advice = "no permission there; ask the server's admin for one"
         elif who:
             advice = "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         else:
