@@ -17,12 +17,14 @@ from tools.cluster import (
     HOSTS,
     KEY,
     LAN,
+    MLFLOW_PORT,
     PIPELINE_USER,
     PREFIX,
     REMOTE_URL,
     STATE,
     TRACKING_URI,
     ClusterError,
+    answers,
     existing_namespaces,
     hosts,
     namespace,
@@ -133,9 +135,14 @@ def status() -> None:
     if not is_set_up():
         print(f"cluster {PREFIX}* is not up (make cluster starts it)")
         return
+    servers = {"tracking": ("mlflow server", MLFLOW_PORT), "storage": ("sshd", 22)}
     for host, address in HOSTS.items():
         pids = namespace_pids(namespace(host))
-        print(f"  {namespace(host):<16} {address:<13} {len(pids)} processes")
+        line = f"  {namespace(host):<16} {address:<13} {len(pids):>3} processes"
+        if host in servers:
+            name, port = servers[host]
+            line += f", {name} {'up' if answers('worker1', address, port) else 'DOWN'}"
+        print(line)
     print(
         f"tracking: {TRACKING_URI} (user {PIPELINE_USER}), DVC remote: {REMOTE_URL}\n"
         f"a shell on a worker, as a client: python -m tools.cluster run worker1 -- bash\n"
