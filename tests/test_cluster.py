@@ -9,6 +9,7 @@ root and ``ip netns``: ``make test-cluster`` runs them, ``make test`` leaves the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -92,7 +93,8 @@ def lab():
         assert started.returncode == 0, started.stderr
         yield env_file(STATE / "client.env")
     finally:
-        cluster("down")
+        stopped = cluster("down")
+        assert stopped.returncode == 0, stopped.stderr
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +306,13 @@ def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
         # Held still (SIGSTOP) while the server goes, so that it is lost mid-run however
         # fast this machine trains; it meets the loss at its next call to the server.
         os.kill(training.pid, signal.SIGSTOP)
-        server = [pid for pid in ns_pids("tracking") if b"mlflow" in cmdline(pid)]
-        for pid in server:
-            os.kill(pid, signal.SIGKILL)
+        # The server's Python processes (mlflow, uvicorn, its job runners), not PostgreSQL's
+        # (whose command lines name the user, mlflow, too).
+        python = sys.executable.encode()
+        for pid in ns_pids("tracking"):
+            if cmdline(pid).split(b"\0")[0] == python:
+                with contextlib.suppress(ProcessLookupError):  # gone with its parent
+                    os.kill(pid, signal.SIGKILL)
         os.kill(training.pid, signal.SIGCONT)
         _, stderr = training.communicate(timeout=300)
     finally:

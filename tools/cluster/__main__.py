@@ -119,8 +119,11 @@ def down(quiet: bool = False, keep_state: bool = False) -> None:
     bindir = hosts.postgres_bindir()
     if (data / "postmaster.pid").exists() and bindir:
         # A fast shutdown (rolls back open transactions) rather than a signal per process.
-        subprocess.run([*hosts.AS_POSTGRES, bindir / "pg_ctl", "-D", data, "-m", "fast", "-w",
-                        "stop"], capture_output=True, timeout=60)  # fmt: skip
+        # One that does not stop in time (a shutdown asked for during crash recovery can
+        # wait for ever) gets the signals below like every other process.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([*hosts.AS_POSTGRES, bindir / "pg_ctl", "-D", data, "-m", "fast",
+                            "-w", "-t", "20", "stop"], capture_output=True, timeout=30)  # fmt: skip
     for name in existing_namespaces():
         stop_processes(name)
         sh("ip", "netns", "del", name)
