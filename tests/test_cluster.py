@@ -1,7 +1,7 @@
 """A cluster of hosts on this machine (``make cluster``): the project's commands on one worker
 host, logged on the tracking host, pushed to the storage host and pulled on the other worker.
 
-Every host is a network namespace made by ``tools/cluster.py``, started through its command
+Every host is a network namespace made by ``tools/cluster``, started through its command
 line as a user would; the commands run in a worker's namespace with ``ip netns exec``. The
 tests share one cluster (a module fixture) and run in order: the last takes it down. They need
 root and ``ip netns``: ``make test-cluster`` runs them, ``make test`` leaves them out.
@@ -10,6 +10,7 @@ root and ``ip netns``: ``make test-cluster`` runs them, ``make test`` leaves the
 from __future__ import annotations
 
 import contextlib
+import csv
 import ipaddress
 import json
 import os
@@ -24,58 +25,29 @@ from pathlib import Path
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
+from tests.helpers.cluster import (
+    HOSTS,
+    LAB,
+    PREFIX,
+    STATE,
+    TRACKING,
+    WAIT_FOR_TRAINING,
+    alive,
+    cluster,
+    cmdline,
+    env_file,
+    error_lines,
+    ip,
+    namespace_pids,
+    namespaces,
+    ns_pids,
+    on,
+    runs_on,
+)  # fmt: skip
 from tests.helpers.services import missing
 from tests.helpers.workspace import tiny_dvc_project
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
-
-PREFIX = f"mnistt{os.getpid()}-"  # apart from a cluster someone started by hand
-STATE = Path(f"/var/tmp/{PREFIX}cluster")
-HOSTS = {"tracking": "198.18.0.10", "storage": "198.18.0.20"}
-HOSTS |= {"worker1": "198.18.0.31", "worker2": "198.18.0.32"}
-TRACKING = f"http://{HOSTS['tracking']}:5000"
-LAB = ipaddress.ip_network("198.18.0.0/15")
-CLUSTER_ENV = {**os.environ, "MNIST_CLUSTER_PREFIX": PREFIX, "MNIST_CLUSTER_STATE": str(STATE)}
-
-
-def cluster(*args: str) -> subprocess.CompletedProcess:
-    """``python -m tools.cluster args...``, as ``make cluster`` runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cluster", *args],
-        cwd=PROJECT_ROOT,
-        env=CLUSTER_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def on(host: str, *command: str, cwd: Path, env: dict, timeout: float = 600):
-    """``command`` on ``host`` (in its network namespace), its output captured."""
-    return subprocess.run(
-        ["ip", "netns", "exec", PREFIX + host, *command],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
-
-
-def namespaces() -> list[str]:
-    return [line.split()[0] for line in ip("netns", "list").splitlines() if line.startswith(PREFIX)]
-
-
-def env_file(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (result.stdout + result.stderr).splitlines() if "error:" in line]
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +122,6 @@ def test_a_worker_without_credentials_is_refused_in_one_line(project):
     assert not (repo / "data" / "raw").exists()  # refused before any work
 
 
-def runs_on(host: str, repo: Path, env: dict) -> list[dict]:
-    """Every run in the tracking server, asked from ``host`` through MLflow's client."""
-    script = (
-        "import json, mlflow\n"
-        "runs = mlflow.search_runs(search_all_experiments=True, output_format='list')\n"
-        "print(json.dumps([{'status': r.info.status, 'name': r.info.run_name,\n"
-        "    'artifact_uri': r.info.artifact_uri, 'metrics': r.data.metrics,\n"
-        "    'params': r.data.params, 'tags': r.data.tags} for r in runs]))\n"
-    )
-    result = on(host, sys.executable, "-c", script, cwd=repo, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 def test_a_worker_runs_the_pipeline_into_the_tracking_host(project):
     """``dvc repro`` on worker1 with the credentials: every stage's run FINISHED in the server
     (asked from worker2), the model uploaded through it to the tracking host's own folder,
@@ -185,18 +143,6 @@ def test_a_worker_runs_the_pipeline_into_the_tracking_host(project):
     assert command_lines and logs
     for secret in secrets:
         assert secret not in logged and not any(secret in text for text in logs + command_lines)
-
-
-def alive(pid: int) -> bool:
-    """Running, not merely a zombie that nobody has reaped yet."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def namespace_pids() -> list[int]:
-    return [int(p) for ns in namespaces() for p in ip("netns", "pids", ns).split()]
 
 
 def test_push_from_one_worker_and_pull_on_the_other(project, tmp_path):
@@ -227,6 +173,54 @@ def test_push_from_one_worker_and_pull_on_the_other(project, tmp_path):
         assert result.returncode == 0 and "up to date" in result.stdout, result.stdout
     for path in ("reports/metrics.json", "models/model.keras"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes()
+
+
+#: Posts the test set (data/processed/x_test.npy) from a worker; prints the digits served.
+POST_TEST_SET = """
+import json, sys, urllib.request
+import numpy as np
+body = json.dumps({"inputs": np.load("data/processed/x_test.npy").tolist()}).encode()
+request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
+answers = json.load(urllib.request.urlopen(request, timeout=60))["predictions"]
+print(json.dumps([a["digit"] for a in answers]))
+"""
+
+
+def test_the_champion_is_served_on_a_worker_from_the_tracking_hosts_registry(project):
+    """register and promote on worker1; ``python -m mnist_pipeline.serve`` on worker2 loads
+    the champion from the tracking host (through the server, with the credentials) and
+    answers worker1 over the network with the evaluate stage's predictions."""
+    repo, env = project
+    loose = "registry.max_gap=1.0"  # tiny data: the gap is not what this test is about
+    for step in ([], ["--promote"]):
+        result = on("worker1", sys.executable, "-m", "mnist_pipeline.register", *step, loose,
+                    cwd=repo, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    address = f"{HOSTS['worker2']}:5001"
+    serve = [sys.executable, "-m", "mnist_pipeline.serve", "--host", HOSTS["worker2"]]
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", PREFIX + "worker2", *serve, "--port", "5001", "--workers", "1"],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        probe = f"import socket; socket.create_connection(({HOSTS['worker2']!r}, 5001), 2)"
+        end = time.monotonic() + 240
+        while on("worker1", sys.executable, "-c", probe, cwd=repo, env=env).returncode != 0:
+            assert server.poll() is None and time.monotonic() < end, "serve did not start"
+            time.sleep(1)
+        posted = on("worker1", sys.executable, "-c", POST_TEST_SET,
+                    f"http://{address}/invocations", cwd=repo, env=env)  # fmt: skip
+        assert posted.returncode == 0, posted.stderr
+        with (repo / "reports" / "test_predictions.csv").open() as f:
+            evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+        assert json.loads(posted.stdout) == evaluated
+    finally:
+        server.terminate()
+        try:
+            server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
 
 
 def test_a_push_to_an_unreachable_storage_host_fails_and_a_later_one_completes(project):
@@ -260,31 +254,6 @@ def test_a_push_to_an_unreachable_storage_host_fails_and_a_later_one_completes(p
     assert not [p for p in remote.rglob("*") if "tmp" in p.name]
     stored = [p for p in remote.rglob("*") if p.is_file() and p.stat().st_size == len(payload)]
     assert [p.read_bytes() for p in stored] == [payload]
-
-
-#: Waits, on a worker, until the tracking server has a RUNNING run of the train stage: a loop
-#: in one process (MLflow's client would take seconds to import for each look).
-WAIT_FOR_TRAINING = """
-import base64, json, os, time, urllib.request
-auth = base64.b64encode(
-    f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}".encode()
-).decode()
-def call(path, body):
-    request = urllib.request.Request(
-        os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/" + path, json.dumps(body).encode(),
-        {"Authorization": "Basic " + auth, "Content-Type": "application/json"})
-    return json.load(urllib.request.urlopen(request, timeout=10))
-end = time.monotonic() + 120
-while time.monotonic() < end:
-    found = call("experiments/search", {"max_results": 100})["experiments"]
-    ids = [e["experiment_id"] for e in found]
-    runs = call("runs/search", {"experiment_ids": ids,
-        "filter": "attributes.status = 'RUNNING' and tags.stage = 'train'"}).get("runs", [])
-    if runs:
-        raise SystemExit(0)
-    time.sleep(0.2)
-raise SystemExit("no training run started")
-"""
 
 
 def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
@@ -333,17 +302,6 @@ def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
     assert "RUNNING" not in {r["status"] for r in runs}
     lost = [r for r in runs if r["status"] == "KILLED"]
     assert len(lost) == 1 and "died while the run was open" in lost[0]["tags"]["error"]
-
-
-def ns_pids(host: str) -> list[int]:
-    return [int(p) for p in ip("netns", "pids", PREFIX + host).split()]
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return b""
 
 
 def test_down_leaves_nothing_behind(lab):
