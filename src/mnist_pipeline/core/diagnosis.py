@@ -122,7 +122,7 @@ def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | N
             "use that MLflow version (uv sync at a newer commit) or another store"
         )
     if SERVER_LOST.search(text):
-        why = re.search(r"\[Errno -?\d+\] [^\"')]*|timed out", text)
+        why = re.search(r"\[Errno -?\d+\] [^\"')]*|Remote end closed[^\"')]*|timed out", text)
         return (
             f"{store} stopped answering ({why.group(0) if why else 'no connection'}): start "
             "it again and rerun (the run left RUNNING is then marked KILLED)"
