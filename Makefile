@@ -16,8 +16,7 @@ export UV_PYTHON_DOWNLOADS := never
 # from source on every run, which made `import mlflow` 8 s instead of 3 (docs/performance.md).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help setup repro exps test test-fast test-cluster lint params ui screenshots server serve bench \
-	cluster cluster-down
+.PHONY: help setup repro exps test test-fast test-cluster lint params ui screenshots server serve bench cluster cluster-down
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
