@@ -3,11 +3,15 @@ through the real stage command; the project's own store works under any folder n
 
 from __future__ import annotations
 
+import base64
+import http.server
 import os
+import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +124,62 @@ def test_the_stage_refuses_in_seconds_and_writes_nothing(
     assert "Traceback" not in result.stderr
     assert "pw@" not in result.stderr
     assert set(os.listdir(tmp_path)) <= {"outputs"}  # Hydra's log folder at most
+
+
+class _LoginServer(http.server.BaseHTTPRequestHandler):
+    """A tracking server with logins, as far as ``check_store`` asks: /health for anyone,
+    the API for user ``pipeline`` with password ``right`` (403 for a token without rights)."""
+
+    def do_GET(self) -> None:
+        header = self.headers.get("Authorization")
+        if (
+            self.path == "/health"
+            or header == "Basic " + base64.b64encode(b"pipeline:right").decode()
+        ):
+            code = 200
+        else:
+            code = 403 if header == "Bearer read-only" else 401
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("credentials", "refusal"),
+    [
+        ({}, "refused a client without credentials (401 Unauthorized): it needs "),
+        ({"USERNAME": "pipeline", "PASSWORD": "wrong"}, "refused user 'pipeline' (401"),
+        (
+            {"TOKEN": "read-only"},
+            "refused MLFLOW_TRACKING_TOKEN (403 Forbidden): no permission there",
+        ),
+        ({"USERNAME": "pipeline", "PASSWORD": "right"}, None),
+    ],
+)
+def test_a_server_with_logins_refuses_wrong_credentials_before_any_work(
+    monkeypatch, credentials, refusal
+):
+    """One line that says what to set, not MLflow's traceback from the middle of a stage
+    (the real basic-auth server: tests/test_cluster.py); the password never in it."""
+    for name in ("USERNAME", "PASSWORD", "TOKEN"):
+        monkeypatch.delenv(f"MLFLOW_TRACKING_{name}", raising=False)
+    for name, value in credentials.items():
+        monkeypatch.setenv(f"MLFLOW_TRACKING_{name}", value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LoginServer)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        if refusal is None:
+            tracking.check_store(uri)
+            return
+        with pytest.raises(ConfigError, match=re.escape(refusal)) as info:
+            tracking.check_store(uri)
+        assert "wrong" not in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

@@ -65,6 +65,16 @@ def is_full_disk(exc: BaseException) -> bool:
     return bool(FULL_DISK_TEXT.search(str(exc)))
 
 
+#: MLflow's REST client giving up on a server (urllib3's words, in MlflowException's text).
+SERVER_LOST = re.compile(r"Max retries exceeded with url|Failed to establish a new connection")
+
+
+def server_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` or its chain is MLflow's client giving up on a tracking server that
+    stopped answering, after its retries."""
+    return any(SERVER_LOST.search(str(link)) for link in _chain(exc))
+
+
 def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | None:
     """``describe`` for one exception, without its chain."""
     text = " ".join(str(exc).split())
@@ -110,6 +120,12 @@ def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | N
         return (
             f"{store} was made by a newer MLflow than this one (its schema is unknown here): "
             "use that MLflow version (uv sync at a newer commit) or another store"
+        )
+    if SERVER_LOST.search(text):
+        why = re.search(r"\[Errno -?\d+\] [^\"')]*|Remote end closed[^\"')]*|timed out", text)
+        return (
+            f"{store} stopped answering ({why.group(0) if why else 'no connection'}): start "
+            "it again and rerun (the run left RUNNING is then marked KILLED)"
         )
     if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
         return f"out of memory: {MEMORY_HINT} ({type(exc).__name__})"

@@ -32,6 +32,7 @@ from mnist_pipeline.core import locks, log_filter
 from mnist_pipeline.core.config import PipelineConfig
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.stages import artifacts
+from mnist_pipeline.tracking import mlflow_compat
 from mnist_pipeline.tracking.logged import no_pip_version_warning
 from mnist_pipeline.tracking.provenance import package_version
 
@@ -143,11 +144,11 @@ def log_serving_model(run: Any) -> str:
     requirements = [
         f"{p}=={package_version(p)}" for p in ("mlflow", "tensorflow", "keras", "numpy", "pandas")
     ]
-    # Model.log makes the model in the process's active experiment, which is MLflow's
-    # "Default" (0) when none is set, not the run's (3.17.2: the run's is only a fallback for
-    # no experiment at all, mlflow/mlflow#15491): its files would land in ./mlruns/0.
-    mlflow.set_experiment(experiment_id=run.info.experiment_id)
-    with tempfile.TemporaryDirectory() as tmp, no_pip_version_warning():
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        no_pip_version_warning(),
+        mlflow_compat.in_experiment_of(run),
+    ):
         keras_file = Path(tmp) / artifacts.MODEL_FILE
         keras_model.save(keras_file)
         info = Model.log(

@@ -86,3 +86,25 @@ def tensor_schema(array: Any) -> Any:
     from mlflow.types import Schema, TensorSpec
 
     return Schema([TensorSpec(array.dtype, (-1, *array.shape[1:]))])
+
+
+@contextmanager
+def in_experiment_of(run: Any) -> Iterator[None]:
+    """Within: MLflow's current experiment is ``run``'s.
+
+    ``Model.log(run_id=...)`` with no active run creates its LoggedModel in the process's
+    current experiment, which is the Default one (0) unless set, not the run's: the fallback
+    to the run's experiment in ``fluent._create_logged_model`` (mlflow/mlflow#15491) is never
+    reached, because ``_get_experiment_id()`` always answers "0" (MLflow 3.17.2; the same
+    fault as mlflow/mlflow#16643 for ``log_model``). The model then lands beside runs it does
+    not belong to, and on a server with logins (basic-auth, default permission READ) a user
+    who owns the run is refused (403) on the Default experiment: found with ``make cluster``
+    (``register`` on a worker). The previous current experiment is restored after."""
+    import mlflow.tracking.fluent as fluent
+
+    previous = fluent._active_experiment_id
+    fluent._active_experiment_id = run.info.experiment_id
+    try:
+        yield
+    finally:
+        fluent._active_experiment_id = previous

@@ -118,6 +118,11 @@ def _record_error(mlflow: Any) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
+        if diagnosis.server_lost(exc):
+            # The tracking server is gone: MLflow would retry each call below (and the end
+            # of the run) for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, with
+            # doubling waits). One try each; the next run marks this one KILLED.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         try:
             mlflow.set_tag("error", error_text(exc))
             if isinstance(exc, KeyboardInterrupt | SystemExit):
