@@ -16,7 +16,8 @@ export UV_PYTHON_DOWNLOADS := never
 # from source on every run, which made `import mlflow` 8 s instead of 3 (docs/performance.md).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help setup repro exps test test-fast lint params ui screenshots server serve bench
+.PHONY: help setup repro exps test test-fast test-cluster lint params ui screenshots server serve bench \
+	cluster cluster-down
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
@@ -83,12 +84,18 @@ PYTEST_PARALLEL := -n logical --dist loadfile --no-loadscope-reorder
 TESTS ?=
 
 ## The whole suite with line and branch coverage of src/ (CI runs this; about 10 minutes).
+## Not the namespace cluster's tests (make test-cluster).
 test: $(ALL_STAMP)
-	python -m pytest $(PYTEST_PARALLEL) --cov --cov-report=term:skip-covered $(TESTS)
+	python -m pytest $(PYTEST_PARALLEL) -m "not cluster" --cov --cov-report=term:skip-covered $(TESTS)
 
 ## The inner loop: all but the end-to-end runs (-m "not slow"; about 2 minutes).
 test-fast: $(ALL_STAMP)
-	python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(TESTS)
+	python -m pytest $(PYTEST_PARALLEL) -m "not slow and not cluster" $(TESTS)
+
+## The tests on a cluster of hosts in network namespaces (needs root; a few minutes).
+## One process: the tests share one cluster.
+test-cluster: $(ALL_STAMP)
+	python -m pytest -m cluster $(TESTS)
 
 ## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
 lint: setup
@@ -143,6 +150,15 @@ serve: setup
 ## MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000).
 server: $(SERVER_STAMP)
 	python -m mnist_pipeline.tracking_server
+
+## A cluster of hosts on this machine, in network namespaces (root): docs/operations.md.
+## Tracking (PostgreSQL, mlflow server with logins), storage (sshd: a DVC remote), 2 workers.
+cluster: $(ALL_STAMP)
+	python -m tools.cluster up
+
+## Remove the cluster: its processes, namespaces, links and state.
+cluster-down:
+	python3 tools/cluster.py down
 
 ## This list: one line per target (the first line of the `##` comment above each).
 help:

@@ -7,6 +7,7 @@ the project is ``configured_mlflow``.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import logging
 import os
@@ -85,6 +86,44 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
             "MLFLOW_TRACKING_URI to use the project's own store"
         ) from None
+    check_credentials(uri, timeout_s)
+
+
+def check_credentials(uri: str, timeout_s: float) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``, or a proxy)
+    refuses a client without credentials, or with wrong ones, on its first request: said here
+    in one line, before any work, instead of MLflow's traceback from the middle of a stage.
+    The credentials are MLflow's own variables (``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``), sent as MLflow sends them."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    )
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return  # not about who is asking: the stage's own request will say
+        who = f"user {user!r}" if user and password else "its token" if token else None
+        if exc.code == 403:
+            advice = f"{who} has no permission there; ask the server's admin"
+        elif who:
+            advice = "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        else:
+            advice = "it needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        raise ConfigError(
+            f"MLflow tracking server {uri} refused {who or 'a client without credentials'} "
+            f"({exc.code} {exc.reason}): {advice}"
+        ) from None
+    except (OSError, ValueError):
+        return  # answered /health a moment ago: the stage's own request will say
 
 
 def check_sqlite_store(database: Path) -> None:
