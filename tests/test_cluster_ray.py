@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -198,3 +199,61 @@ def test_a_sqlite_store_is_refused_for_the_other_host(ray_lab, tiny_mirror, fold
     assert result.returncode == 1
     assert re.search(rf"error: the MLflow store sqlite:.* has nodes on {WORKER2}, ", result.stderr)
     assert WORKER1 not in result.stderr.split("nodes on", 1)[1].splitlines()[0]
+
+
+@pytest.mark.timeout(900)
+def test_one_training_across_both_hosts(ray_lab, prepared, tiny_mirror, workdir, tmp_path):
+    """``train.strategy=multi_worker`` with a worker on each host (``TF_CONFIG`` with their
+    addresses), logging to the tracking server: one run, and the model ``mirrored`` training
+    on one device makes, within tests/test_distributed.py's tolerances."""
+    from tests.test_distributed import (
+        VS_MIRRORED,
+        WEIGHTS_ATOL,
+        files_under,
+        overrides,
+        train_in_process,
+        wait_for_workers,
+    )
+
+    sha = tiny_mirror[1]
+    other = tmp_path / "worker2 folder"  # the second host's copy of the processed data
+    shutil.copytree(workdir / "data/processed", other / "data/processed")
+    before = files_under(other)
+    cluster = {"worker": [f"{WORKER1}:12345", f"{WORKER2}:12345"]}
+    quiet = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    procs, logs = [], []
+    for index, (host, cwd, extra) in enumerate(
+        [("worker1", workdir, []), ("worker2", other, quiet)]
+    ):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        command = [
+            sys.executable, "-m", "tools.cluster", "run", host, "--", "env", "-C", str(cwd),
+            f"TF_CONFIG={tf_config}", sys.executable, "-m", "mnist_pipeline.train",
+            *overrides(sha, "multi_worker"), "tracking.experiment_name=multi-worker", *extra,
+        ]  # fmt: skip
+        logs.append(tmp_path / f"{host}.err")
+        with logs[-1].open("w") as err:
+            procs.append(
+                subprocess.Popen(
+                    command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err
+                )
+            )
+    errors = wait_for_workers(procs, logs)
+    for proc, err in zip(procs, errors, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+
+    [run] = runs(workdir, "multi-worker")["children"]  # the train runs: one, by the chief
+    run_ref = json.loads((workdir / "models/run.json").read_text())
+    assert run["id"] == run_ref["run_id"] and run["status"] == "FINISHED"
+    assert run["params"]["train.strategy"] == "multi_worker"
+    assert run["tags"]["distribute.workers"] == "2"
+    assert files_under(other) == before  # the other worker wrote nothing
+
+    mirrored, mirrored_weights = train_in_process(sha, "mirrored")
+    for key in ("train_accuracy", "fit_accuracy"):
+        assert abs(run_ref["train_metrics"][key] - mirrored[key]) <= VS_MIRRORED, key
+    from mnist_pipeline.stages.artifacts import load_model
+
+    weights = load_model(workdir / "models").get_weights()
+    for a, b in zip(weights, mirrored_weights, strict=True):
+        np.testing.assert_allclose(a, b, atol=WEIGHTS_ATOL)
