@@ -171,11 +171,18 @@ def test_a_sweep_runs_on_both_hosts(ray_lab, tiny_mirror, folder):
         assert ray_lab["token"] not in text and ray_lab["password"] not in text
 
 
-def test_a_client_without_the_token_is_refused_in_one_line(ray_lab, tiny_mirror, folder):
-    """From worker2 with the tracking credentials but not Ray's token: one line, in seconds
-    (not Ray's 20 s of retries), and the sweep's parent closed FAILED with the reason."""
+@pytest.mark.parametrize("token", ["none", "wrong"])
+def test_a_client_without_the_token_is_refused_in_one_line(ray_lab, tiny_mirror, folder, token):
+    """From worker2 with the tracking credentials but not Ray's token (none, or another):
+    one line, in seconds (not Ray's 20 s of retries), the sweep's parent FAILED with it."""
+    settings = {}
+    if token == "wrong":
+        wrong = folder / "wrong_token"
+        wrong.write_text("0" * 64)
+        settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}
     started = time.monotonic()
-    result = sweep("worker2", folder, "ray-refused", tiny_mirror, client="cluster")
+    experiment = f"ray-refused-{token}"
+    result = sweep("worker2", folder, experiment, tiny_mirror, client="cluster", **settings)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == [
@@ -184,7 +191,7 @@ def test_a_client_without_the_token_is_refused_in_one_line(ray_lab, tiny_mirror,
         "RAY_AUTH_TOKEN_PATH to a file holding the cluster's token; docs/operations.md)"
     ], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "InvalidAuthToken" not in result.stderr
-    [parent] = runs(folder, "ray-refused")["parents"]
+    [parent] = runs(folder, experiment)["parents"]
     assert parent["status"] == "FAILED"
     assert "refused this client" in parent["tags"]["error"]
     assert time.monotonic() - started < 300
