@@ -97,8 +97,10 @@ class RayClusterLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = self.config.hydra.sweep.dir
         connect(self.address)
-        hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"]}
-        problem = store_problem(env["MLFLOW_TRACKING_URI"], hosts - {socket.gethostname()})
+        # Nodes by address, not hostname: hosts may share one (containers, network namespaces).
+        nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        here = ray.util.get_node_ip_address()
+        problem = store_problem(env["MLFLOW_TRACKING_URI"], nodes - {here})
         if problem:
             raise ConfigError(problem)
         job = ray.remote(_run_job)
@@ -173,12 +175,50 @@ def connect(address: str, timeout_s: float = 5.0) -> None:
         if ":" in target and "://" not in target:
             host, _, port = target.rpartition(":")
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
+            check_token(target)
         ray.init(address=address)
+    except ray.exceptions.AuthenticationError:
+        raise ConfigError(refused(address)) from None
     except (OSError, ValueError) as exc:  # ConnectionError is an OSError
+        if isinstance(exc.__cause__, ray.exceptions.AuthenticationError):
+            raise ConfigError(refused(address)) from None
         raise ConfigError(
             f"no Ray cluster at address={address} ({exc}); start one with "
             "`ray start --head` or set hydra.launcher.address=HOST:PORT"
         ) from None
+
+
+def check_token(gcs_address: str) -> None:
+    """Raise Ray's ``AuthenticationError`` at once if the cluster refuses this client's token
+    (none, or a wrong one). ``ray.init`` would retry a refused token for 20 s, writing a
+    warning line a second to stderr from Ray's C++ client, and then report only "Failed to
+    connect". One request of the client ``ray.init`` itself uses (``ray._raylet.GcsClient``,
+    Ray 2.60), with stderr (fd 2, where that C++ code writes) held aside meanwhile; any other
+    failure is left for ``ray.init`` to report."""
+    import ray
+    from ray._raylet import GcsClient
+
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        GcsClient(address=gcs_address).cluster_id  # noqa: B018 (the request is the point)
+    except ray.exceptions.AuthenticationError:
+        raise
+    except Exception as exc:
+        log.debug("token check of %s: %s", gcs_address, exc)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def refused(address: str) -> str:
+    """The one line for a cluster that refuses this client's token."""
+    return (
+        f"the Ray cluster at address={address} refused this client: its token is missing or "
+        "wrong (Ray's token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+        "to a file holding the cluster's token; docs/operations.md)"
+    )
 
 
 def store_problem(tracking_uri: str, other_hosts: set[str]) -> str | None:
@@ -204,7 +244,13 @@ def _run_job(
 ) -> JobReturn:
     """One job, in a Ray worker: in the sweep's working directory, with Hydra's state and the
     launching process's ``env`` (its store above all), put back as it was afterwards: the
-    worker process runs other sweeps' jobs later."""
+    worker process runs other sweeps' jobs later. The job's run records the address of the
+    node it ran on (``NODE_ADDRESS_ENV``): nodes may share a hostname."""
+    import ray
+
+    from mnist_pipeline.tracking.provenance import NODE_ADDRESS_ENV
+
+    env = {**env, NODE_ADDRESS_ENV: ray.util.get_node_ip_address()}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:

@@ -137,3 +137,18 @@ def spawn(host: str, command: list[str], log: Path, env: dict[str, str], cwd: Pa
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines (the state's secrets.env and client.env)."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def is_set_up() -> bool:
+    """Every namespace there and the set-up finished (its last step writes client.env)."""
+    return len(existing_namespaces()) == len(HOSTS) + 1 and CLIENT_ENV.exists()
+
+
+def client_env() -> dict[str, str]:
+    """This process's environment plus the clients' settings (client.env)."""
+    return {**os.environ, **env_file(CLIENT_ENV)}

@@ -25,8 +25,11 @@ from tools.cluster import (
     TRACKING_URI,
     ClusterError,
     answers,
+    client_env,
+    env_file,
     existing_namespaces,
     hosts,
+    is_set_up,
     namespace,
     namespace_pids,
     netns,
@@ -58,11 +61,6 @@ def make_network() -> None:
 # --- up, down, status ------------------------------------------------------------------------
 
 
-def is_set_up() -> bool:
-    """Every namespace there and the set-up finished (its last step writes client.env)."""
-    return len(existing_namespaces()) == len(HOSTS) + 1 and CLIENT_ENV.exists()
-
-
 def up() -> None:
     """Create the cluster. One already set up is kept, with its data, and whichever of its
     servers stopped is started again; a partial one (an ``up`` that failed or was
@@ -92,10 +90,6 @@ def up() -> None:
         f"MNIST_CLUSTER_REMOTE={REMOTE_URL}\nMNIST_CLUSTER_KEY={KEY}\n",
     )
     status()
-
-
-def env_file(path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
 def stop_processes(name: str, grace_s: float = 15) -> None:
@@ -151,11 +145,6 @@ def status() -> None:
         f"a shell on a worker, as a client: python -m tools.cluster run worker1 -- bash\n"
         f"(client settings, with the password: {CLIENT_ENV})"
     )
-
-
-def client_env() -> dict[str, str]:
-    """This process's environment plus the clients' settings (client.env)."""
-    return {**os.environ, **env_file(CLIENT_ENV)}
 
 
 def run(host: str, command: list[str]) -> None:

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 #: The run's full resolved config, logged as an artifact of every training run.
 CONFIG_ARTIFACT = "config.json"
+#: Set by a launcher that knows the network address of the node a job runs on (the Ray
+#: launcher, from Ray's node address): recorded as the run's ``process.address``, since hosts
+#: may share a hostname (containers, network namespaces) and ``process.host`` alone would not
+#: say which one ran it.
+NODE_ADDRESS_ENV = "MNIST_NODE_ADDRESS"
 #: Packages whose versions a run records (``version.<name>`` tags).
 PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "hydra-core", "numpy")
 
@@ -74,6 +79,8 @@ def provenance_tags() -> dict[str, str]:
         # The kernel's OOM-kill counters now: if the process dies, the next run compares.
         "process.oom_kills": memory.snapshot_tag(),
     }
+    if os.environ.get(NODE_ADDRESS_ENV):
+        tags["process.address"] = os.environ[NODE_ADDRESS_ENV]
     if commit is None:
         tags["git.error"] = git_problem()
         log.warning("the code version is not recorded: %s", tags["git.error"])
