@@ -92,9 +92,10 @@ test-fast: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) -m "not slow and not cluster" $(TESTS)
 
 ## The tests on a cluster of hosts in network namespaces (needs root; a few minutes).
-## One process: the tests share one cluster.
+# A file's tests share its cluster (one worker per file, as in make test); each file's cluster
+# has namespaces of its own, so the two files run side by side.
 test-cluster: $(ALL_STAMP)
-	python -m pytest -m cluster $(TESTS)
+	python -m pytest $(PYTEST_PARALLEL) -m cluster $(TESTS)
 
 ## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
 lint: setup
