@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,12 @@ class OptunaSweeper(Sweeper):
         storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
         sweep_dir = self.config.hydra.sweep.dir
-        study = self._open_study(storage)  # the lock goes beside the storage it opened
-        with search.claim_lock(storage, self.study_name):
+        # Opened under the lock too: two calls creating one new SQLite storage at once race
+        # on its schema (UNIQUE constraint failed: alembic_version.version_num). The lock
+        # goes beside the storage and never makes its folder: with none, opening it fails.
+        folder_exists = search.study_lock(storage, self.study_name).parent.is_dir()
+        with search.claim_lock(storage, self.study_name) if folder_exists else nullcontext():
+            study = self._open_study(storage)
             search.check_study(study, self.direction, objective)
             info = search.link_parent(study, sweep_dir)
             stale = search.fail_stale_trials(study)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 
 from mnist_pipeline import tracking
@@ -106,6 +107,11 @@ def run_server(host: str, port: int, workers: int) -> int:
     ``create_app`` (the model URI comes through the environment, set above)."""
     import uvicorn
 
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then puts back the handlers it found and
+    # raises the signal again: with these, the process then exits 0 through its exit
+    # handlers (the stderr filter's flush: the server's last lines), not killed by it.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stopped)
     uvicorn.run(
         "mnist_pipeline.serving.app:create_app",
         factory=True,
@@ -116,6 +122,10 @@ def run_server(host: str, port: int, workers: int) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def usable_cores() -> int:
