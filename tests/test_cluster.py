@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +41,9 @@ from tests.helpers.cluster import (
     namespaces,
     ns_pids,
     on,
+    require_namespaces,
     runs_on,
 )  # fmt: skip
-from tests.helpers.services import missing
 from tests.helpers.workspace import tiny_dvc_project
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
@@ -53,13 +52,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
 @pytest.fixture(scope="module")
 def lab():
     """The cluster, up for this module (``down`` at the end, whatever happened)."""
-    if os.geteuid() != 0:
-        missing("the cluster needs root (network namespaces); CI runs as root")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        missing(f"ip netns is not available here: {probe.stderr.strip()}")
-    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        missing("sshd not found (Debian: apt-get install openssh-server); .ci/run installs it")
+    require_namespaces()
     started = cluster("up")
     try:
         assert started.returncode == 0, started.stderr

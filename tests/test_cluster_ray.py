@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
+from tests.helpers.cluster import require_namespaces
 from tests.helpers.config import sha_overrides
-from tests.helpers.services import missing, require_extra
+from tests.helpers.services import require_extra
 from tests.helpers.store import seed
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.heavy]
@@ -99,13 +100,7 @@ def ray_lab(tiny_mirror):
     """The namespace cluster and Ray on its workers, for this module; both taken down at the
     end, whatever happened. Yields the secrets a log must never show."""
     require_extra("ray", "cluster")
-    if os.geteuid() != 0:
-        missing("the cluster needs root (network namespaces); CI runs as root")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        missing(f"ip netns is not available here: {probe.stderr.strip()}")
-    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        missing("sshd not found (Debian: apt-get install openssh-server); .ci/run installs it")
+    require_namespaces()
     try:
         started = tool("cluster", "up")
         assert started.returncode == 0, started.stderr[-2000:]

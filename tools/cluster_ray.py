@@ -26,7 +26,6 @@ real hosts the same ``ray start`` commands run by hand (docs/operations.md).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
@@ -233,21 +232,9 @@ def run(host: str, command: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["up", "down", "status", "run"])
-    parser.add_argument("host", nargs="?", help="run: the host (worker1, worker2, ...)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("error: the cluster needs root (network namespaces): run it as root")
-    try:
-        if args.action == "run":
-            command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            run(args.host or "", command)
-        else:
-            {"up": up, "down": down, "status": status}[args.action]()
-    except (RayClusterError, OSError, subprocess.SubprocessError) as exc:
-        sys.exit(f"error: Ray cluster {args.action}: {exc}")
+    actions = {"up": up, "down": down, "status": status}
+    errors = (RayClusterError, OSError, subprocess.SubprocessError)
+    cluster.command_line(__doc__, actions, run, errors, "Ray cluster", argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,17 @@ while time.monotonic() < end:
     time.sleep(0.2)
 raise SystemExit("no training run started")
 """
+
+
+def require_namespaces() -> None:
+    """What a namespace cluster needs here (root, ``ip netns``, sshd), or the test is skipped
+    with the reason (``tests.helpers.services.missing``: fails under MNIST_REQUIRE_SERVICES)."""
+    from tests.helpers.services import missing
+
+    if os.geteuid() != 0:
+        missing("the cluster needs root (network namespaces); CI runs as root")
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        missing(f"ip netns is not available here: {probe.stderr.strip()}")
+    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        missing("sshd not found (Debian: apt-get install openssh-server); .ci/run installs it")

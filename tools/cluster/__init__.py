@@ -32,10 +32,12 @@ killed it), with its data; ``hosts`` starts the servers, ``__main__`` the networ
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PREFIX = os.environ.get("MNIST_CLUSTER_PREFIX", "mnist-")
@@ -152,3 +154,30 @@ def is_set_up() -> bool:
 def client_env() -> dict[str, str]:
     """This process's environment plus the clients' settings (client.env)."""
     return {**os.environ, **env_file(CLIENT_ENV)}
+
+
+def command_line(
+    doc: str,
+    actions: dict[str, Callable[[], None]],
+    run: Callable[[str, list[str]], None],
+    errors: tuple[type[BaseException], ...],
+    what: str,
+    argv: list[str] | None = None,
+) -> None:
+    """``up | down | status | run HOST -- COMMAND`` (``tools.cluster`` and
+    ``tools.cluster_ray``): one ``error:`` line for what ``errors`` lists."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("action", choices=[*actions, "run"])
+    parser.add_argument("host", nargs="?", help="run: the host (worker1, worker2, ...)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("error: the cluster needs root (network namespaces): run it as root")
+    try:
+        if args.action == "run":
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            run(args.host or "", command)
+        else:
+            actions[args.action]()
+    except errors as exc:
+        sys.exit(f"error: {what} {args.action}: {exc}")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 from tools.cluster import (
@@ -26,6 +24,7 @@ from tools.cluster import (
     ClusterError,
     answers,
     client_env,
+    command_line,
     env_file,
     existing_namespaces,
     hosts,
@@ -158,21 +157,9 @@ def run(host: str, command: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["up", "down", "status", "run"])
-    parser.add_argument("host", nargs="?", help="run: the host (worker1, worker2, ...)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("error: the cluster needs root (network namespaces): run it as root")
-    try:
-        if args.action == "run":
-            command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            run(args.host or "", command)
-        else:
-            {"up": up, "down": down, "status": status}[args.action]()
-    except (ClusterError, OSError, subprocess.TimeoutExpired) as exc:
-        sys.exit(f"error: cluster {args.action}: {exc}")
+    actions = {"up": up, "down": down, "status": status}
+    errors = (ClusterError, OSError, subprocess.TimeoutExpired)
+    command_line(__doc__, actions, run, errors, "cluster", argv)
 
 
 if __name__ == "__main__":
