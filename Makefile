@@ -91,9 +91,9 @@ test: $(ALL_STAMP)
 test-fast: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) -m "not slow and not cluster" $(TESTS)
 
-## The tests on a cluster of hosts in network namespaces (needs root; a few minutes).
 # A file's tests share its cluster (one worker per file, as in make test); each file's cluster
 # has namespaces of its own, so the two files run side by side.
+## The tests on a cluster of hosts in network namespaces (needs root; a few minutes).
 test-cluster: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) -m cluster $(TESTS)
 
