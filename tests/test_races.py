@@ -38,7 +38,9 @@ def released_together(lock: Path, procs: list[subprocess.Popen], logs: list[Path
     with locks.exclusive(lock, "the test"):
         deadline = time.monotonic() + 120
         while not all(f"another process holds {lock}" in log.read_text() for log in logs):
-            assert all(p.poll() is None for p in procs), "\n---\n".join(log.read_text() for log in logs)
+            assert all(p.poll() is None for p in procs), "\n---\n".join(
+                log.read_text() for log in logs
+            )
             assert time.monotonic() < deadline, [log.read_text() for log in logs]
             time.sleep(0.05)
     for proc in procs:
