@@ -87,3 +87,30 @@ def test_the_version_is_read_from_either_distribution(monkeypatch):
 
     monkeypatch.setattr(mlflow_compat, "version", version)
     assert mlflow_compat.affected()
+
+
+def test_model_log_for_a_run_goes_to_the_default_experiment(tracking_store, tmp_path):
+    """mlflow/mlflow#15491's fallback never reached: ``Model.log(run_id=...)`` with no active
+    run makes the model in experiment 0, not the run's; ``in_experiment_of`` puts it in the
+    run's."""
+    import mlflow
+    from mlflow.models import Model
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("elsewhere", artifact_location=str(tmp_path / "a"))
+    run = client.create_run(experiment)
+
+    def logged_in() -> str:
+        info = Model.log(
+            artifact_path=None, name="m", flavor=mlflow.pyfunc, run_id=run.info.run_id,
+            python_model=Echo(),
+        )  # fmt: skip
+        return client.get_logged_model(info.model_id).experiment_id
+
+    assert logged_in() == "0"
+    with mlflow_compat.in_experiment_of(run):
+        assert logged_in() == experiment

@@ -100,6 +100,9 @@ def in_experiment_of(run: Any) -> Iterator[None]:
     not belong to, and on a server with logins (basic-auth, default permission READ) a user
     who owns the run is refused (403) on the Default experiment: found with ``make cluster``
     (``register`` on a worker). The previous current experiment is restored after."""
+    if not affected():
+        yield
+        return
     import mlflow.tracking.fluent as fluent
 
     previous = fluent._active_experiment_id
