@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,41 @@ from mnist_pipeline.core.config import PipelineConfig
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
+from tools.workspace import NETAUDIT, NETAUDIT_ENV
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _audit_the_network() -> None:
+    """The network rule, enforced (``tools/netaudit``): this process and every Python process
+    the tests start record any attempt to reach an address off this machine; the session
+    fails if one did (``pytest_sessionfinish``). Set up once, by the process pytest was
+    started as: pytest-xdist's workers inherit the log and the path."""
+    if not os.environ.get(NETAUDIT_ENV):
+        folder = Path(tempfile.mkdtemp(prefix="mnist-netaudit-"))
+        os.environ[NETAUDIT_ENV] = str(folder / "attempts.log")
+        path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETAUDIT), path]))
+    if "sitecustomize" not in sys.modules or not hasattr(sys.modules["sitecustomize"], "LAB"):
+        spec = importlib.util.spec_from_file_location("netaudit", NETAUDIT / "sitecustomize.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_audit_the_network()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if any process of it tried to leave this machine (the first process
+    only: pytest-xdist's workers share its log)."""
+    log = Path(os.environ[NETAUDIT_ENV])
+    if os.environ.get("PYTEST_XDIST_WORKER") or not log.exists() or not log.read_text():
+        return
+    sys.stderr.write(
+        "\nerror: the network rule was broken: processes of this test run tried to reach "
+        f"addresses off this machine (only loopback and 198.18.0.0/15 are allowed):\n"
+        f"{log.read_text()}\n"
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _absl_on_the_process_stderr() -> None:

@@ -28,6 +28,7 @@ from mnist_pipeline.core.params import compose_params
 from mnist_pipeline.core.supervised import Server, free_port
 from mnist_pipeline.experiments import ui
 from mnist_pipeline.tracking import names
+from tests.helpers.browser import loopback_only
 from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
 from tools.workspace import GIT_IDENTITY, copy_project, git_commit
@@ -324,6 +325,8 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
             context = browser.new_context(viewport={"width": 1400, "height": 760})  # fresh
+            refused: list[str] = []
+            loopback_only(context, refused)
             page = context.new_page()
             page.goto(address)
 
@@ -396,6 +399,7 @@ def test_a_person_compares_runs_in_the_browser(filled, tmp_path):
             assert box and box["height"] > 300 and box["y"] + box["height"] <= 940, box
             _shot(page, shots / "5-artifacts.png")
             browser.close()
+        assert refused == [], f"the UI asked for addresses off this machine: {refused}"
     finally:
         server.close()
     assert server.process.returncode == 0, server.printed
@@ -437,7 +441,10 @@ def test_plain_mlflow_ui_in_the_activated_environment(filled, tmp_path):
         server.wait_until_up(timeout_s=180)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            page = browser.new_context(viewport={"width": 1400, "height": 760}).new_page()
+            context = browser.new_context(viewport={"width": 1400, "height": 760})
+            refused: list[str] = []
+            loopback_only(context, refused)
+            page = context.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_role("link", name="mnist", exact=True).first.click(timeout=90_000)
             switch = page.get_by_text("Model training", exact=True).first
@@ -449,6 +456,7 @@ def test_plain_mlflow_ui_in_the_activated_environment(filled, tmp_path):
             for stage in ("download", "preprocess"):  # folded under their pipeline run
                 assert page.get_by_role("link", name=f"{repro} ({stage})").count() == 0
             browser.close()
+        assert refused == [], f"the UI asked for addresses off this machine: {refused}"
 
 
 def _shot(page, path: Path) -> None:

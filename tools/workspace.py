@@ -19,6 +19,10 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_EMAIL": "t@t",
 }
 
+#: The network audit (``tools/netaudit``): on while its log is named in the environment.
+NETAUDIT = Path(__file__).parent / "netaudit"
+NETAUDIT_ENV = "MNIST_NETAUDIT_LOG"
+
 #: What a copy needs to run the pipeline (uncommitted edits included).
 PROJECT_FILES = (
     "dvc.yaml",
@@ -40,6 +44,8 @@ def copy_project(dest: Path, env: dict[str, str] | None = None, commit: bool = T
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
+    if os.environ.get(NETAUDIT_ENV):  # a test run: its DVC stages are audited too
+        shutil.copy(NETAUDIT / "sitecustomize.py", dest / "src" / "sitecustomize.py")
     if commit:
         git_commit(dest, env)
     return dest

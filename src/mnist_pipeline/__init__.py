@@ -5,3 +5,14 @@ import os
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the training log; errors
 # stay. Set here, before any module of the package can import TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: The libraries' own calls home, off in every process of the project and the processes it
+#: starts (a stage, `make ui`'s `mlflow ui`, a sweep's Ray workers): a pipeline run connects
+#: to nothing its user did not configure (the tracking store, the mirrors, the DVC remote),
+#: and the tests and benchmarks stay on loopback. MLflow 3.2 and later send usage telemetry
+#: from every process that logs (config.mlflow-telemetry.io, checked with 3.17.2) and from
+#: the UI through its server; Ray sends usage stats from every cluster it starts. DVC's
+#: update check is off in .dvc/config. A variable set beforehand is kept: opt in that way.
+CALLS_HOME_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+for _name, _value in CALLS_HOME_OFF.items():
+    os.environ.setdefault(_name, _value)

@@ -1,6 +1,8 @@
 """``python -m mnist_pipeline.download``: see ``mnist_pipeline.stages.download``."""
 
+from mnist_pipeline.stages.cli import exit_fast
 from mnist_pipeline.stages.download import main
 
 if __name__ == "__main__":
     main()
+    exit_fast()  # only after success: a failure exits through Hydra and Python as usual

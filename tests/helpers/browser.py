@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+
+#: Hosts a page under test may reach: the project's servers listen on loopback.
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def loopback_only(context, refused: list[str]) -> None:
+    """Refuse, and record in ``refused``, every request of ``context`` (a Playwright browser
+    context) that leaves loopback: a page of `mlflow ui` must not call out (fonts from a CDN,
+    telemetry), and a test must never send traffic off this machine."""
+
+    def route(route) -> None:
+        url = route.request.url
+        scheme, host = urlsplit(url).scheme, urlsplit(url).hostname or ""
+        if scheme in ("data", "blob", "about") or host in LOOPBACK or host.startswith("127."):
+            route.continue_()
+        else:
+            refused.append(url)
+            route.abort()
+
+    context.route("**/*", route)
 
 
 def draw(page: Path) -> tuple[int, list[str]]:
