@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Hydra imports every plugin of every search path for any command that composes conf/, DVC's
 # `dvc exp run -S` included: only the light error module here, the sweep's code when it runs.
-from mnist_pipeline.core.errors import ConfigError, exit_on_error
+from mnist_pipeline.core.errors import ConfigError, PipelineError, exit_on_error
 from mnist_pipeline.tracking import address
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class OptunaSweeper(Sweeper):
         self.launcher: Any = None
         #: While this call is among the study's calls: (study, storage, sweep folder).
         self._joined: tuple[Any, str, str] | None = None
+        self._storage: str | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -100,12 +101,16 @@ class OptunaSweeper(Sweeper):
             try:
                 return self._sweep(arguments)
             except BaseException as exc:
+                from mnist_pipeline.experiments.search import storage_fault
                 from mnist_pipeline.experiments.study_calls import leave_after_error
                 from mnist_pipeline.experiments.sweep_tracking import abort_sweep
 
                 joined, self._joined = self._joined, None
                 if not leave_after_error(joined, self.study_name):
                     abort_sweep(sweep_dir, exc)
+                fault = storage_fault(exc, self._storage) if self._storage else None
+                if fault:  # the study's storage, named (not "the MLflow store")
+                    raise PipelineError(fault) from None
                 raise
 
     def _sweep(self, arguments: list[str]) -> Any:
@@ -122,7 +127,7 @@ class OptunaSweeper(Sweeper):
         self._validate([[*fixed, *trial_overrides({k: lowest(d) for k, d in space.items()})]])
         if "data.val_split" not in space:
             objective.check_config(OmegaConf.select(base, "data.val_split"))
-        storage = search.storage_url(self.storage)
+        storage = self._storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
         sweep_dir = self.config.hydra.sweep.dir
         # Opened under the lock too: two calls creating one new SQLite storage at once race
@@ -174,6 +179,8 @@ class OptunaSweeper(Sweeper):
         """The study, created or resumed; one line for a database that cannot be used."""
         import optuna
 
+        from mnist_pipeline.experiments import search
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             return optuna.create_study(
@@ -183,6 +190,8 @@ class OptunaSweeper(Sweeper):
                 load_if_exists=True,
             )
         except Exception as exc:  # an unreachable database, a missing folder or driver
+            if (search.storage_fault(exc, storage) or "").startswith("no space left"):
+                raise  # ``sweep`` names the full disk
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(
                 f"cannot open Optuna study {self.study_name!r} in {address.redact(storage)}: "

@@ -17,11 +17,12 @@ import logging
 import math
 import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic, locks
+from mnist_pipeline.core import atomic, diagnosis, locks
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import project_root
 from mnist_pipeline.experiments import sweep_tracking
@@ -155,6 +156,28 @@ def storage_url(storage: str | None) -> str:
             "or postgresql+psycopg://user@host/db)"
         )
     return url
+
+
+def storage_fault(exc: BaseException, storage: str) -> str | None:
+    """One line for a fault of the study's own storage (a full disk, a locked or read-only
+    database), naming it (``/abs/optuna.db``, not "the MLflow store" that
+    ``exit_on_error`` would otherwise say); None when ``exc`` did not come from Optuna's
+    storage. Told by where it was raised (Optuna's storage code, or its
+    ``StorageInternalError`` wrapping SQLAlchemy's error), since both stores are SQLite
+    databases failing in the same words."""
+    link: BaseException | None = exc
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        frames = traceback.extract_tb(link.__traceback__)
+        if type(link).__module__.startswith("optuna.") or any(
+            f"{os.sep}optuna{os.sep}storages{os.sep}" in frame.filename for frame in frames
+        ):
+            database = address.sqlite_path(storage)
+            label = str(database) if database else f"the Optuna storage {address.redact(storage)}"
+            return diagnosis.describe(exc, store=label)
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def check_study(study: Any, direction: str, objective: Objective) -> None:
