@@ -165,7 +165,7 @@ def test_two_calls_of_one_study_at_once_share_it(
 
     monkeypatch.delenv(search.STORAGE_ENV, raising=False)
     env = {**os.environ, "MNIST_MIRROR": str(tiny_mirror[0])}
-    n_trials = 3
+    n_trials = 2
     command = [
         "-m",
         "hparams_search=mnist_optuna",
