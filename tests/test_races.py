@@ -1,7 +1,9 @@
 """Shared state raced (issue 25, class 4): two commands that read, decide and write the same
 state at once. Each race is made to happen, not hoped for: the test holds the lock the
 commands take, starts both, waits until both say they are waiting for it, and lets them go
-together; without the lock neither waits and the test fails at that point."""
+together; without the lock neither waits and the test fails at that point. (A sweep and a
+`dvc repro` share no lock to hold: that test checks from the runs' times that the two
+commands had runs open together, and skips, saying so, where they ran one after the other.)"""
 
 from __future__ import annotations
 
