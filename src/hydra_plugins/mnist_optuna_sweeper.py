@@ -12,7 +12,8 @@ user of it should know:
 - ``objective`` names the number a trial is judged by, computed from the metrics the job
   returns (``val_accuracy``), instead of the job returning one float.
 - ``n_trials`` is the study's total: a call runs the trials the study still lacks, so the same
-  command resumes a crashed study, and ``n_trials=40`` after 20 runs 20 more.
+  command resumes a crashed study, ``n_trials=40`` after 20 runs 20 more, and two calls at
+  once share the study (``mnist_pipeline.experiments.study_calls``).
 
 Each batch of ``n_jobs`` trials goes to Hydra's launcher (basic, joblib, the project's Ray
 launcher), with job numbers equal to trial numbers. A trial whose job fails, diverges or
@@ -25,7 +26,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Hydra imports every plugin of every search path for any command that composes conf/, DVC's
 # `dvc exp run -S` included: only the light error module here, the sweep's code when it runs.
-from mnist_pipeline.core.errors import ConfigError, exit_on_error
+from mnist_pipeline.core.errors import ConfigError, PipelineError, exit_on_error
 from mnist_pipeline.tracking import address
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class OptunaSweeper(Sweeper):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
+        #: While this call is among the study's calls: (study, storage, sweep folder).
+        self._joined: tuple[Any, str, str] | None = None
+        self._storage: str | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -98,14 +101,21 @@ class OptunaSweeper(Sweeper):
             try:
                 return self._sweep(arguments)
             except BaseException as exc:
+                from mnist_pipeline.experiments.search import storage_fault
+                from mnist_pipeline.experiments.study_calls import leave_after_error
                 from mnist_pipeline.experiments.sweep_tracking import abort_sweep
 
-                abort_sweep(sweep_dir, exc)
+                joined, self._joined = self._joined, None
+                if not leave_after_error(joined, self.study_name):
+                    abort_sweep(sweep_dir, exc)
+                fault = storage_fault(exc, self._storage) if self._storage else None
+                if fault:  # the study's storage, named (not "the MLflow store")
+                    raise PipelineError(fault) from None
                 raise
 
     def _sweep(self, arguments: list[str]) -> Any:
 
-        from mnist_pipeline.experiments import search
+        from mnist_pipeline.experiments import search, study_calls
 
         assert self.config is not None
         started = time.perf_counter()
@@ -117,42 +127,40 @@ class OptunaSweeper(Sweeper):
         self._validate([[*fixed, *trial_overrides({k: lowest(d) for k, d in space.items()})]])
         if "data.val_split" not in space:
             objective.check_config(OmegaConf.select(base, "data.val_split"))
-        storage = search.storage_url(self.storage)
+        storage = self._storage = search.storage_url(self.storage)
         self._sampler(0)  # a bad sampler setting stops the call before the study is touched
         sweep_dir = self.config.hydra.sweep.dir
         # Opened under the lock too: two calls creating one new SQLite storage at once race
-        # on its schema (UNIQUE constraint failed: alembic_version.version_num). The lock
-        # goes beside the storage and never makes its folder: with none, opening it fails.
-        folder_exists = search.study_lock(storage, self.study_name).parent.is_dir()
-        with search.claim_lock(storage, self.study_name) if folder_exists else nullcontext():
+        # on its schema (UNIQUE constraint failed: alembic_version.version_num).
+        with study_calls.study_lock(storage, self.study_name):
             study = self._open_study(storage)
             search.check_study(study, self.direction, objective)
             info = search.link_parent(study, sweep_dir)
-            stale = search.fail_stale_trials(study)
+            running = study_calls.join(study)
+            self._joined = (study, storage, sweep_dir)
+            stale = study_calls.fail_stale_trials(study)
         if stale:
             log.warning(
                 "trials %s of an earlier call never finished: marked FAIL, and run again", stale
             )
-        study.sampler = self._sampler(len(study.trials))
-        to_go = self.n_trials - search.trials_done(study)
+        done = search.trials_done(study)
         log.info(
-            "Optuna study %s in %s: %d trials so far, %d to run, %d at a time; objective %s (%s)",
-            study.study_name,
-            address.redact(storage),
-            search.trials_done(study),
-            max(to_go, 0),
+            "Optuna study %s in %s: %d trials so far, %d to run, %d at a time%s; objective %s (%s)",
+            *(study.study_name, address.redact(storage), done, max(self.n_trials - done, 0)),
             self.n_jobs,
-            objective.expression,
-            self.direction,
+            f", shared with {len(running)} running call(s)" if running else "",
+            *(objective.expression, self.direction),
         )
-        if to_go <= 0:
-            log.info("the study already has n_trials=%d trials: nothing to run", self.n_trials)
         returns: list[JobReturn] = []
-        while to_go > 0:
-            batch = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
-            returns += self._run_batch(study, batch, fixed, objective, info["parent_run_id"])
-            to_go -= len(batch)
-        summary = search.report_study(study, info, objective, storage)
+        parent = info["parent_run_id"]
+        asked = study_calls.Asks(study, storage, parent, self.n_trials, self.n_jobs)
+        for batch in asked.batches(space, self._sampler):
+            returns += self._run_batch(study, batch, fixed, objective, parent)
+        if not returns:
+            log.info("the study already has n_trials=%d trials: nothing to run", self.n_trials)
+        self._joined = None
+        last = not study_calls.leave(study, storage, sweep_dir, self.study_name)
+        summary = search.report_study(study, info, objective, storage, to_parent=last)
         summary["wall_s"] = round(time.perf_counter() - started, 1)
         OmegaConf.save(
             OmegaConf.create(to_plain(summary)), Path(sweep_dir).resolve() / RESULTS_FILE
@@ -171,6 +179,8 @@ class OptunaSweeper(Sweeper):
         """The study, created or resumed; one line for a database that cannot be used."""
         import optuna
 
+        from mnist_pipeline.experiments import search
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             return optuna.create_study(
@@ -180,6 +190,8 @@ class OptunaSweeper(Sweeper):
                 load_if_exists=True,
             )
         except Exception as exc:  # an unreachable database, a missing folder or driver
+            if (search.storage_fault(exc, storage) or "").startswith("no space left"):
+                raise  # ``sweep`` names the full disk
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(
                 f"cannot open Optuna study {self.study_name!r} in {address.redact(storage)}: "

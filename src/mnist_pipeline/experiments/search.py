@@ -17,11 +17,12 @@ import logging
 import math
 import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
 from mnist_pipeline import tracking
-from mnist_pipeline.core import atomic, locks
+from mnist_pipeline.core import atomic, diagnosis, locks
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import project_root
 from mnist_pipeline.experiments import sweep_tracking
@@ -157,6 +158,28 @@ def storage_url(storage: str | None) -> str:
     return url
 
 
+def storage_fault(exc: BaseException, storage: str) -> str | None:
+    """One line for a fault of the study's own storage (a full disk, a locked or read-only
+    database), naming it (``/abs/optuna.db``, not "the MLflow store" that
+    ``exit_on_error`` would otherwise say); None when ``exc`` did not come from Optuna's
+    storage. Told by where it was raised (Optuna's storage code, or its
+    ``StorageInternalError`` wrapping SQLAlchemy's error), since both stores are SQLite
+    databases failing in the same words."""
+    link: BaseException | None = exc
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        frames = traceback.extract_tb(link.__traceback__)
+        if type(link).__module__.startswith("optuna.") or any(
+            f"{os.sep}optuna{os.sep}storages{os.sep}" in frame.filename for frame in frames
+        ):
+            database = address.sqlite_path(storage)
+            label = str(database) if database else f"the Optuna storage {address.redact(storage)}"
+            return diagnosis.describe(exc, store=label)
+        link = link.__cause__ or link.__context__
+    return None
+
+
 def check_study(study: Any, direction: str, objective: Objective) -> None:
     """Refuse to resume a study towards another goal: its earlier trials' values would mean
     something else (Optuna itself ignores the direction of a study it loads)."""
@@ -181,17 +204,18 @@ def study_lock(storage: str, study_name: str | None) -> Path:
 
 
 def claim_lock(storage: str, study_name: str | None) -> Any:
-    """The lock held while a call opens a study, takes its parent run and fails what an
-    earlier call left RUNNING (``core.locks``): two calls started together would otherwise
-    both find no parent and both run the study's trials."""
+    """The lock held while a call opens a study, takes or joins its parent run, and before
+    each of its asks (``study_calls``): two calls started together would otherwise both find
+    no parent, or both ask the study's last trial."""
     path = study_lock(storage, study_name)
-    return locks.exclusive(path, f"another call opening Optuna study {study_name!r}")
+    return locks.exclusive(path, f"another call of Optuna study {study_name!r}")
 
 
 def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
     """Tie the study to one MLflow parent run: a new study keeps this sweep's parent; a
-    resumed one takes back the parent of its first call (if it is still in the store), so
-    all its trials are children of one run."""
+    resumed one takes back the parent of its first call (if it is still in the store), and a
+    call joining a study another call is running adds its trials to that call's open parent
+    (``study_calls``), so all the study's trials are children of one run."""
     info = sweep_tracking.read_sweep(sweep_dir)
     # Runs a crashed earlier call left RUNNING (its parent, its last trial) end KILLED first.
     tracking.close_dead_runs(tracking.ensure_experiment(info["experiment"]))
@@ -201,12 +225,10 @@ def link_parent(study: Any, sweep_dir: str | Path) -> dict[str, str]:
             resumed = sweep_tracking.resume_parent(
                 sweep_dir, previous, study.user_attrs[SWEEP_ATTR]
             )
-        except ConfigError as exc:  # its parent run is open: another call runs the study
-            raise ConfigError(
-                f"Optuna study {study.study_name!r} is being run by another call ({exc}): one "
-                "call runs a study at a time; for trials in parallel use hydra.sweeper.n_jobs "
-                "(docs/hparams-search.md)"
-            ) from None
+        except ConfigError:  # its parent run is open: another call runs the study; join it
+            joined = sweep_tracking.join_parent(sweep_dir, previous, study.user_attrs[SWEEP_ATTR])
+            log.info("joining the call running study %s (parent %s)", study.study_name, previous)
+            return mark_study(sweep_dir, joined, study.study_name)
         if resumed is not None:
             log.info("study %s resumed: MLflow parent run %s", study.study_name, previous)
             return mark_study(sweep_dir, resumed, study.study_name)
@@ -239,18 +261,6 @@ def mark_interrupted(study: Any, numbers: list[int]) -> None:
         study.set_user_attr(INTERRUPTED_ATTR, sorted({*interrupted(study), *numbers}))
 
 
-def fail_stale_trials(study: Any) -> list[int]:
-    """Mark FAIL, as interrupted, the trials an earlier call left RUNNING when it died
-    (SIGKILL; SIGINT and SIGTERM too: a stage exits at once on them, ``stages.cli``). Only one
-    call runs a study at a time (its MLflow parent run being open stops a second, checked
-    before this), so none of them is still alive."""
-    import optuna
-
-    stale = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    mark_interrupted(study, stale)
-    return stale
-
-
 def trials_done(study: Any) -> int:
     """The trials that count towards ``n_trials``: all but the interrupted ones."""
     skipped = set(interrupted(study))
@@ -279,10 +289,14 @@ def record_trial(trial: Any, parent_run_id: str, value: float | None, metrics: d
         tracking.log_metric_to(run.info.run_id, "objective", value)
 
 
-def report_study(study: Any, info: dict[str, str], objective: Objective, storage: str) -> dict:
+def report_study(
+    study: Any, info: dict[str, str], objective: Objective, storage: str, to_parent: bool = True
+) -> dict:
     """The study's summary on its parent run: best trial (params as tags, value and its test
     metrics as metrics), Optuna's optimisation-history and importance figures, and
-    ``optuna_best.json``. Returns the summary (also written by the sweeper to the sweep dir)."""
+    ``optuna_best.json``. Returns the summary (also written by the sweeper to the sweep dir).
+    Not ``to_parent``: another call of the study still runs, and the last call to end puts its
+    summary, of every trial, on the parent (this one's could land after it)."""
     import optuna
 
     states = [t.state for t in study.trials]
@@ -307,12 +321,14 @@ def report_study(study: Any, info: dict[str, str], objective: Objective, storage
             best_value=best.value,
             best_params=best.params,
             best_run_id=best.user_attrs.get("mlflow_run_id"),
-            best_metrics={k: v for k, v in best.user_attrs.items() if k != "mlflow_run_id"},
+            best_metrics={k: v for k, v in best.user_attrs.items() if isinstance(v, int | float)},
         )
         tags.update(best_trial=best.number, best_run_id=summary["best_run_id"] or "unknown")
         tags.update({f"best.{k}": v for k, v in best.params.items()})
         metrics["best_value"] = best.value
         metrics.update({f"best_{k}": v for k, v in summary["best_metrics"].items()})
+    if not to_parent:
+        return summary
     tracking.set_run_tags(parent, tags)
     for key, value in metrics.items():
         tracking.log_metric_to(parent, key, value, step=step)

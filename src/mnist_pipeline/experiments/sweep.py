@@ -66,6 +66,14 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         info = sweep_tracking.read_sweep(config.hydra.sweep.dir)
+        if info.get(sweep_tracking.KEPT_OPEN):  # a study another call still runs: its to end
+            log.info(
+                "sweep %s: its parent run %s stays open for %s, still running the study",
+                info["sweep_id"],
+                info["parent_run_id"],
+                info[sweep_tracking.KEPT_OPEN],
+            )
+            return
         children = sweep_tracking.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
         fatal = sweep_tracking.sweep_failed(info, len(children), len(failed))

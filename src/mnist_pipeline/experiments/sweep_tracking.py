@@ -20,6 +20,8 @@ from mnist_pipeline.tracking.provenance import provenance_tags
 SWEEP_FILE = "mlflow_sweep.json"
 #: On a parent run that a resumed study reopened: when (ms), so "the latest sweep" is it.
 RESUMED_TAG = "sweep_resumed_ms"
+#: In the sweep file: the parent run is left open for another call of the study (who).
+KEPT_OPEN = "parent_kept_open_for"
 
 
 def open_parent(
@@ -62,15 +64,28 @@ def write_sweep(sweep_dir: str | Path, info: dict[str, Any]) -> None:
 def resume_parent(sweep_dir: str | Path, parent_run_id: str, sweep_id: str) -> dict | None:
     """Make this sweep continue an earlier one (a resumed Optuna study): its parent run is
     reopened and the jobs become its children, and the parent ``open_parent`` just opened is
-    deleted. None (nothing changed) when the earlier parent is no longer there."""
-    info = read_sweep(sweep_dir)
+    deleted. None (nothing changed) when the earlier parent is no longer there; a
+    ``ConfigError`` when a live process still holds it open (``join_parent`` then)."""
     if not tracking.reopen_run(parent_run_id):
         return None
     tracking.set_run_tags(parent_run_id, {RESUMED_TAG: int(time.time() * 1000)})
+    return join_parent(sweep_dir, parent_run_id, sweep_id)
+
+
+def join_parent(sweep_dir: str | Path, parent_run_id: str, sweep_id: str) -> dict:
+    """Make this sweep's jobs children of ``parent_run_id``, a parent another call holds open
+    (two calls of one Optuna study), and delete the parent ``open_parent`` just opened."""
+    info = read_sweep(sweep_dir)
     tracking.delete_run(info["parent_run_id"])
     info.update(parent_run_id=parent_run_id, sweep_id=sweep_id)
     write_sweep(sweep_dir, info)
     return info
+
+
+def keep_parent_open(sweep_dir: str | Path, holder: str) -> None:
+    """Record that the parent run is shared and stays open for ``holder`` (another call of
+    the study), so that this sweep's end does not close it (``SweepCallback``)."""
+    write_sweep(sweep_dir, {**read_sweep(sweep_dir), KEPT_OPEN: holder})
 
 
 def job_run(parent_run_id: str, job_num: int) -> Any | None:

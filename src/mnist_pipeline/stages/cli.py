@@ -49,7 +49,7 @@ def _terminate(signum: int, frame: Any) -> None:
     leave the SQLite store locked, so this exits without touching it. Outputs are safe, since
     every file is written atomically; the run left RUNNING is marked KILLED by the next run
     on this machine (tracking.close_dead_runs), an Optuna trial left RUNNING FAIL by the
-    next call of its study (``search.fail_stale_trials``)."""
+    next call of its study (``study_calls.fail_stale_trials``)."""
     os.write(
         log_filter.stderr_fd(),
         f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode(),
