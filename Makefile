@@ -16,7 +16,7 @@ export UV_PYTHON_DOWNLOADS := never
 # from source on every run, which made `import mlflow` 8 s instead of 3 (docs/performance.md).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help setup repro exps test test-fast test-cluster lint params ui screenshots server serve bench cluster cluster-down
+.PHONY: help setup repro exps test test-fast test-cluster test-folders lint params ui screenshots server serve bench cluster cluster-down
 # The experiments table: fits 120 columns (all six metrics: dvc metrics show).
 EXP_SHOW_DROP := Created|fit_accuracy|train_loss|models|data/.*|src/.*|conf
 
@@ -83,19 +83,23 @@ PYTEST_PARALLEL := -n logical --dist loadfile --no-loadscope-reorder
 TESTS ?=
 
 ## The whole suite with line and branch coverage of src/ (CI runs this; about 10 minutes).
-## Not the namespace cluster's tests (make test-cluster).
+## Not the namespace cluster's tests (make test-cluster) nor the odd folders' (make test-folders).
 test: $(ALL_STAMP)
-	python -m pytest $(PYTEST_PARALLEL) -m "not cluster" --cov --cov-report=term:skip-covered $(TESTS)
+	python -m pytest $(PYTEST_PARALLEL) -m "not cluster and not folders" --cov --cov-report=term:skip-covered $(TESTS)
 
 ## The inner loop: all but the end-to-end runs (-m "not slow"; about 2 minutes).
 test-fast: $(ALL_STAMP)
-	python -m pytest $(PYTEST_PARALLEL) -m "not slow and not cluster" $(TESTS)
+	python -m pytest $(PYTEST_PARALLEL) -m "not slow and not cluster and not folders" $(TESTS)
 
 # A file's tests share its cluster (one worker per file, as in make test); each file's cluster
 # has namespaces of its own, so the two files run side by side.
 ## The tests on a cluster of hosts in network namespaces (needs root; a few minutes).
 test-cluster: $(ALL_STAMP)
 	python -m pytest $(PYTEST_PARALLEL) -m cluster $(TESTS)
+
+## A fresh clone in folders named with #, ?, &, non-ASCII, 200 characters: set up, run (minutes).
+test-folders: $(ALL_STAMP)
+	python -m pytest $(PYTEST_PARALLEL) -m folders $(TESTS)
 
 ## Style, the floor plan (no import cycle, no stage importing another), no address off this machine.
 lint: setup

@@ -28,6 +28,20 @@ def test_sqlite_parent_folder_is_made_from_the_escaped_text(tmp_path):
     assert (tmp_path / "50%").is_dir()  # the one SQLAlchemy opens
 
 
+def test_the_ui_server_gets_an_escaped_store_relative_to_its_folder(tmp_path):
+    """The same bug in ``mlflow server``'s own processes (``make ui``): a store whose path
+    needed escaping is handed over as ``sqlite:///<name>`` with the server started in its
+    folder; a plain one as it is."""
+    store = tmp_path / "why?" / "mlflow.db"
+    assert mlflow_compat.server_store(address.sqlite_uri(store)) == (
+        "sqlite:///mlflow.db",
+        store.parent,
+    )
+    plain = address.sqlite_uri(tmp_path / "mlflow.db")
+    assert mlflow_compat.server_store(plain) == (plain, None)
+    assert mlflow_compat.server_store("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None)
+
+
 def test_keras_flavor_input_example_needs_the_folder_first(tmp_path):
     """mlflow/mlflow#16183: ``input_example`` is written before the model folder exists."""
     import keras

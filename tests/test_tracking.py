@@ -7,12 +7,14 @@ import pytest
 from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.core.project import PROJECT_ROOT, project_root
+from mnist_pipeline.tracking import address
 
 
 def test_default_store_is_absolute_and_in_the_project(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.tracking_uri()
-    assert uri == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    # as SQLAlchemy reads it: the URI escapes a `?` or `%` in the project's path
+    assert address.sqlite_path(uri) == PROJECT_ROOT / "mlflow.db"
     assert uri.startswith("sqlite:////")
 
 

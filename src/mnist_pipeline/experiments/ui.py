@@ -45,6 +45,7 @@ from mnist_pipeline import tracking
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.core.project import PROJECT_ROOT, mlflow_command
 from mnist_pipeline.core.supervised import Server, ServerExited
+from mnist_pipeline.tracking import mlflow_compat
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tracking.check_store(store)  # a store the server could not open, in one line
         check_port(args.host, args.port)
-        command = server_command(store, args.host, args.port, extra)
+        server_store, folder = mlflow_compat.server_store(store)
+        command = server_command(server_store, args.host, args.port, extra)
     # `kill` (SIGTERM) stops the server too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     url = f"http://{args.host}:{args.port}"
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         url + "/health",
         # Unbuffered: its log goes through a pipe (ServerOutput), line by line as on a terminal.
         env={**os.environ, **FAST_START_ENV, "PYTHONUNBUFFERED": "1"},
-        cwd=PROJECT_ROOT,
+        cwd=folder or PROJECT_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

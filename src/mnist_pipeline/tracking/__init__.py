@@ -38,6 +38,7 @@ from mnist_pipeline.tracking.runs import (
 )
 from mnist_pipeline.tracking.store import (
     EXPERIMENT_TAGS,
+    artifact_folder,
     check_sqlite_store,
     check_store,
     client,
@@ -54,6 +55,7 @@ __all__ = [
     "EXPERIMENT_TAGS",
     "JobContext",
     "adopt_data_runs",
+    "artifact_folder",
     "check_sqlite_store",
     "check_store",
     "client",

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from mnist_pipeline.tracking import address
@@ -51,6 +52,21 @@ def apply() -> None:
 
     make_parent_dirs.__wrapped__ = original  # MLflow's own, for the test that it is still wrong
     db_utils._make_parent_dirs_if_sqlite = make_parent_dirs
+
+
+def server_store(uri: str) -> tuple[str, Path | None]:
+    """The store URI to give ``mlflow server`` (``make ui``), and the folder to start it in
+    (None: anywhere).
+
+    The same bug as ``apply``'s SQLite parent folders (mlflow/mlflow#19205, 3.8-3.17.2), met
+    in the server's own processes, which ``apply`` cannot reach: given the escaped URI of a
+    store in a folder named with ``?`` (``sqlite:////a/why%3F/mlflow.db``), the server makes a
+    stray empty folder ``why%3F`` beside the real one. An escaped URI is handed over relative
+    to the database's folder, the server's working folder: no folder name left to misread."""
+    database = address.sqlite_path(uri)
+    if database is None or not affected() or uri == f"sqlite:///{database.as_posix()}":
+        return uri, None
+    return address.sqlite_uri(Path(database.name)), database.parent
 
 
 @contextmanager

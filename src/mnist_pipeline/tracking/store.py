@@ -58,6 +58,14 @@ def store_lock(purpose: str, uri: str | None = None) -> Path:
     return Path(tempfile.gettempdir()) / f"mnist-pipeline-{key}.{purpose}.lock"
 
 
+def artifact_folder(uri: str | None = None) -> Path | None:
+    """Where runs' files go on a SQLite store (``uri``, by default the stages' store):
+    ``mlartifacts/`` beside the database (``ensure_experiment``). None for a server or
+    PostgreSQL: their artifacts are not on this machine's disks."""
+    database = address.sqlite_path(uri or tracking_uri())
+    return None if database is None else database.parent / "mlartifacts"
+
+
 def store_label() -> str:
     """The store, named for messages (without a password)."""
     try:
@@ -243,7 +251,8 @@ def ensure_experiment(name: str) -> str:
             "log to another one (tracking.experiment_name=...)"
         )
     database = address.sqlite_path(tracking_uri())
-    location = None if database is None else (database.parent / "mlartifacts").as_uri()
+    folder = artifact_folder()
+    location = None if folder is None else folder.as_uri()
     if experiment is not None:
         if location is not None and experiment.artifact_location != location:
             _follow_moved_store(database, experiment.artifact_location, location)
