@@ -1,6 +1,6 @@
 """``python -m mnist_pipeline.evaluate``: see ``mnist_pipeline.stages.evaluate``."""
 
-from mnist_pipeline.stages.cli import exit_fast
+from mnist_pipeline.core.shutdown import exit_fast
 from mnist_pipeline.stages.evaluate import main
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from mnist_pipeline.core import log_filter
 from mnist_pipeline.core.project import CONF_DIR
+from mnist_pipeline.core.shutdown import exit_fast
 from mnist_pipeline.experiments.sweep import run_job
 from mnist_pipeline.stages.cli import run_stage, stop_at_once_on_signals
 from mnist_pipeline.stages.runner import run_pipeline
@@ -42,3 +43,4 @@ if __name__ == "__main__":
     # are closed by the next command).
     stop_at_once_on_signals()
     main()
+    exit_fast()  # only after success: a failure exits through Hydra and Python as usual

@@ -1,8 +1,7 @@
 """``python -m mnist_pipeline.predict``: see ``mnist_pipeline.serving.predict``."""
 
-import sys
-
+from mnist_pipeline.core.shutdown import exit_fast
 from mnist_pipeline.serving.predict import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # main returned: its work is done (a failure raised SystemExit)

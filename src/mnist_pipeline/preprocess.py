@@ -1,6 +1,6 @@
 """``python -m mnist_pipeline.preprocess``: see ``mnist_pipeline.stages.preprocess``."""
 
-from mnist_pipeline.stages.cli import exit_fast
+from mnist_pipeline.core.shutdown import exit_fast
 from mnist_pipeline.stages.preprocess import main
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``python -m mnist_pipeline.train``: see ``mnist_pipeline.stages.train``."""
 
-from mnist_pipeline.stages.cli import exit_fast
+from mnist_pipeline.core.shutdown import exit_fast
 from mnist_pipeline.stages.train import main
 
 if __name__ == "__main__":

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import signal
-import sys
-import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -55,23 +51,3 @@ def _terminate(signum: int, frame: Any) -> None:
         f"error: stopped by signal {signum}; the next run marks this run KILLED\n".encode(),
     )
     os._exit(128 + signum)
-
-
-def exit_fast() -> NoReturn:
-    """End a stage's process that succeeded, without Python's teardown.
-
-    By now the stage's outputs are in place and its MLflow run is closed; what Python's
-    teardown does next is free every module and object one by one, which with TensorFlow and
-    MLflow loaded costs 1-2 s of CPU per stage (evaluate: 1.5 of its 7.3 s, measured with
-    ``os.times``), paid by every stage of every `dvc repro`, for memory the OS takes back
-    anyway. The exit handlers still run first (logging's flush, the stderr filter's
-    drain, coverage's data file), then the standard streams are flushed. If another thread
-    that Python would wait for is still alive, the process ends the ordinary way."""
-    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
-    if any(t.is_alive() and not t.daemon for t in others):
-        sys.exit(0)
-    atexit._run_exitfuncs()  # what the interpreter's own exit runs; undocumented, but stable
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed: nothing left to lose
-            stream.flush()
-    os._exit(0)
