@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
-from tests.helpers.cluster import require_namespaces
+from tests.helpers.cluster import WAIT_FOR_TRAINING, require_namespaces
 from tests.helpers.config import sha_overrides
 from tests.helpers.services import require_extra
 from tests.helpers.store import seed
@@ -39,7 +39,7 @@ RUNS = """
 import json, sys, mlflow
 runs = mlflow.search_runs(experiment_names=[sys.argv[1]], output_format="list")
 print(json.dumps([{"id": r.info.run_id, "status": r.info.status, "tags": r.data.tags,
-                   "params": r.data.params} for r in runs]))
+                   "params": r.data.params, "end": r.info.end_time} for r in runs]))
 """
 
 
@@ -61,17 +61,29 @@ def on(host: str, folder: Path, *command: str, client: str = "cluster_ray", **kw
     return tool(client, "run", host, "--", "env", "-C", str(folder), *command, **kw)
 
 
-def sweep(host: str, folder: Path, experiment: str, mirror, client="cluster_ray", **settings):
-    """The sweep of two jobs from ``folder`` on ``host``; ``settings`` outrank the client's."""
+def sweep_command(
+    host: str, folder: Path, experiment: str, mirror, client="cluster_ray", units="16,32",
+    epochs=1, **settings,
+) -> list[str]:  # fmt: skip
+    """The command of a sweep over ``model.units`` from ``folder`` on ``host``;
+    ``settings`` outrank the client's."""
     mirror, sha = mirror
-    return on(
-        host, folder, f"MNIST_MIRROR={mirror}", *(f"{k}={v}" for k, v in settings.items()),
+    return [
+        sys.executable, "-m", f"tools.{client}", "run", host, "--", "env", "-C", str(folder),
+        f"MNIST_MIRROR={mirror}", *(f"{k}={v}" for k, v in settings.items()),
         sys.executable, "-m", "mnist_pipeline.pipeline", "-m",
-        *sha_overrides(sha), "train.epochs=1", "model.units=16,32",
+        *sha_overrides(sha), f"train.epochs={epochs}", f"model.units={units}",
         f"tracking.experiment_name={experiment}", "hydra/launcher=ray_cluster",
         f"hydra.launcher.address={ADDRESS}", "hydra.launcher.num_cpus=1",
-        client=client, timeout=900,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def sweep(host: str, folder: Path, experiment: str, mirror, client="cluster_ray", **settings):
+    """The sweep of two jobs from ``folder`` on ``host``; ``settings`` outrank the client's."""
+    command = sweep_command(host, folder, experiment, mirror, client, **settings)
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
 
 
 def runs(folder: Path, experiment: str) -> dict[str, list[dict]]:
@@ -164,6 +176,75 @@ def test_a_sweep_runs_on_both_hosts(ray_lab, tiny_mirror, folder):
     assert len(logs) > 10  # Ray's logs of both nodes among them
     for text in logs:
         assert ray_lab["token"] not in text and ray_lab["password"] not in text
+
+
+@pytest.mark.timeout(900)
+def test_a_host_cut_off_mid_sweep_loses_its_job_and_the_rerun_completes_the_set(
+    ray_lab, tiny_mirror, folder
+):
+    """worker2's link cut (``ip link set eth0 down`` in its namespace) while its job trains:
+    the sweep gives the job up once Ray declares the node dead (the lab's health checks:
+    5 to 10 s), the job on worker1 finishes, the job's run and the sweep's parent are FAILED
+    saying which job was lost and why, and the sweep exits 1 with one ``error:`` line naming
+    the job and how to rerun it. With the link back, ``tools.cluster_ray down`` and ``up``
+    bring the lost node back, and the rerun the line gives completes the set."""
+    experiment = "ray-cut"
+    # Epochs enough that worker2's job still trains when the link goes, however fast.
+    command = sweep_command("worker1", folder, experiment, tiny_mirror, epochs=5)
+    running = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        on_worker2 = f"and tags.`process.address` = '{WORKER2}'"
+        seen = on("worker1", folder, sys.executable, "-c", WAIT_FOR_TRAINING, on_worker2)
+        assert seen.returncode == 0, seen.stderr[-2000:]
+        subprocess.run(["ip", "-n", PREFIX + "worker2", "link", "set", "eth0", "down"], check=True)
+        cut = time.time()
+        _, stderr = running.communicate(timeout=600)
+    finally:
+        running.kill()
+        subprocess.run(["ip", "-n", PREFIX + "worker2", "link", "set", "eth0", "up"], check=True)
+    assert running.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: job (\d) \(model\.units=(16|32)\) failed: NodeLost: the Ray node {WORKER2} it "
+        r"ran on \(node id \w+\) was declared dead: its host is down or cut off from the "
+        r"cluster \(it missed the cluster's health checks\); rerun it: the same command with "
+        r"model\.units=\2 for model\.units=16,32",
+        errors[0],
+    ), errors[0]
+    lost_units = re.search(r"model\.units=(\d+)\)", errors[0]).group(1)
+    assert "Traceback" not in stderr
+    found = runs(folder, experiment)
+    [parent] = found["parents"]
+    by_units = {r["params"]["model.units"]: r for r in found["children"]}
+    assert sorted(by_units) == ["16", "32"]
+    lost = by_units[lost_units]
+    assert lost["status"] == "FAILED" and "NodeLost" in lost["tags"]["error"]
+    assert lost["tags"]["process.address"] == WORKER2
+    [other] = [r for u, r in by_units.items() if u != lost_units]
+    assert other["status"] == "FINISHED" and other["tags"]["process.address"] == WORKER1
+    assert parent["status"] == "FAILED"
+    assert parent["tags"]["error"] == errors[0].removeprefix("error: ")
+    # Given up within seconds (the lab's health checks: 5 to 10 s), not after gRPC's minutes.
+    assert lost["end"] / 1000 - cut < 30, lost["end"] / 1000 - cut
+
+    # The lost node back: its raylet exits once it hears it was declared dead; down and up
+    # do not wait for that.
+    for action in ("down", "up"):
+        again = tool("cluster_ray", action)
+        assert again.returncode == 0, again.stderr[-2000:]
+    rerun = subprocess.run(
+        sweep_command("worker1", folder, experiment, tiny_mirror, units=lost_units),
+        cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    children = runs(folder, experiment)["children"]
+    finished = {r["params"]["model.units"] for r in children if r["status"] == "FINISHED"}
+    assert finished == {"16", "32"}
+    assert "RUNNING" not in {r["status"] for r in children}
 
 
 @pytest.mark.parametrize("token", ["none", "wrong"])
