@@ -249,12 +249,12 @@ def test_a_push_to_an_unreachable_storage_host_fails_and_a_later_one_completes(p
     assert [p.read_bytes() for p in stored] == [payload]
 
 
-def train_losing(repo: Path, env: dict, server: str, lose) -> str:
+def train_losing(repo: Path, env: dict, server: str, lose) -> tuple[str, str]:
     """A training on worker1 that loses ``server`` (``lose()`` kills it) mid-run: held still
     (SIGSTOP) while it goes, so that it is lost mid-run however fast this machine trains; it
     meets the loss at its next call to the tracking server. Checks that it fails with one
     ``error:`` line, no traceback, and its model kept; ``up`` then starts ``server`` again.
-    Returns the line."""
+    Returns the line and the id of the run it lost."""
     model = (repo / "models" / "model.keras").read_bytes()
     quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     training = subprocess.Popen(
@@ -276,10 +276,10 @@ def train_losing(repo: Path, env: dict, server: str, lose) -> str:
     assert (repo / "models" / "model.keras").read_bytes() == model
     again = cluster("up")
     assert again.returncode == 0 and f"started again: {server}" in again.stdout, again.stderr
-    return lines[0]
+    return lines[0], seen.stdout.strip()
 
 
-def rerun_closes_the_lost_run(repo: Path, env: dict, killed_before: set[str]) -> None:
+def rerun_closes_the_lost_run(repo: Path, env: dict, lost_id: str) -> None:
     """A rerun logs normally and marks the run the loss left RUNNING KILLED: none is left
     RUNNING."""
     rerun = on("worker1", *TRAIN, cwd=repo, env=env)
@@ -287,8 +287,8 @@ def rerun_closes_the_lost_run(repo: Path, env: dict, killed_before: set[str]) ->
     runs = runs_on("worker2", repo, env)
     assert "RUNNING" not in {r["status"] for r in runs}
     assert runs[0]["status"] == "FINISHED" and "fit_accuracy" in runs[0]["metrics"]  # the rerun
-    lost = [r for r in runs if r["status"] == "KILLED" and r["id"] not in killed_before]
-    assert len(lost) == 1 and "died while the run was open" in lost[0]["tags"]["error"]
+    [lost] = [r for r in runs if r["id"] == lost_id]
+    assert lost["status"] == "KILLED" and "died while the run was open" in lost["tags"]["error"]
 
 
 TRAIN = [sys.executable, "-m", "mnist_pipeline.train"]
@@ -310,7 +310,7 @@ def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
                 with contextlib.suppress(ProcessLookupError):  # gone with its parent
                     os.kill(pid, signal.SIGKILL)
 
-    line = train_losing(repo, env, "mlflow server", kill_mlflow_server)
+    line, lost_id = train_losing(repo, env, "mlflow server", kill_mlflow_server)
     # Why, in the parentheses, depends on the moment: a call cut mid-answer ("Remote end
     # closed connection without response") or a new one refused ("Connection refused").
     assert re.fullmatch(
@@ -318,7 +318,7 @@ def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
         r"and rerun \(the run left RUNNING is then marked KILLED\)",
         line,
     ), line
-    rerun_closes_the_lost_run(repo, env, set())
+    rerun_closes_the_lost_run(repo, env, lost_id)
 
 
 def test_the_tracking_hosts_database_lost_mid_run_fails_the_stage_in_one_line(project):
@@ -328,7 +328,6 @@ def test_the_tracking_hosts_database_lost_mid_run_fails_the_stage_in_one_line(pr
     PostgreSQL again (crash recovery, its runs kept) and a rerun logs normally, marking the
     lost run KILLED."""
     repo, env = project
-    killed_before = {r["id"] for r in runs_on("worker2", repo, env) if r["status"] == "KILLED"}
 
     def kill_postgres() -> None:
         # The postmaster (its program's path) and its backends (retitled "postgres: ...").
@@ -338,7 +337,7 @@ def test_the_tracking_hosts_database_lost_mid_run_fails_the_stage_in_one_line(pr
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    line = train_losing(repo, env, "PostgreSQL", kill_postgres)
+    line, lost_id = train_losing(repo, env, "PostgreSQL", kill_postgres)
     # 503 (its auth app's checks need the database) or 500 (a handler's own query).
     assert re.fullmatch(
         rf"error: the MLflow store {TRACKING} answers, but only with errors \(5\d\d, after its "
@@ -346,7 +345,7 @@ def test_the_tracking_hosts_database_lost_mid_run_fails_the_stage_in_one_line(pr
         r"again and rerun \(the run left RUNNING is then marked KILLED\)",
         line,
     ), line
-    rerun_closes_the_lost_run(repo, env, killed_before)
+    rerun_closes_the_lost_run(repo, env, lost_id)
 
 
 def hosts_postgres_bin() -> Path:

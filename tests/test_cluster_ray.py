@@ -222,6 +222,7 @@ def test_a_host_cut_off_mid_sweep_loses_its_job_and_the_rerun_completes_the_set(
     by_units = {r["params"]["model.units"]: r for r in found["children"]}
     assert sorted(by_units) == ["16", "32"]
     lost = by_units[lost_units]
+    assert lost["id"] == seen.stdout.split()[-1]  # the run that was training at the cut
     assert lost["status"] == "FAILED" and "NodeLost" in lost["tags"]["error"]
     assert lost["tags"]["process.address"] == WORKER2
     [other] = [r for u, r in by_units.items() if u != lost_units]
@@ -302,25 +303,7 @@ def test_one_training_across_both_hosts(ray_lab, prepared, tiny_mirror, workdir,
     other = tmp_path / "worker2 folder"  # the second host's copy of the processed data
     shutil.copytree(workdir / "data/processed", other / "data/processed")
     before = files_under(other)
-    cluster = {"worker": [f"{WORKER1}:12345", f"{WORKER2}:12345"]}
-    quiet = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    procs, logs = [], []
-    for index, (host, cwd, extra) in enumerate(
-        [("worker1", workdir, []), ("worker2", other, quiet)]
-    ):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        command = [
-            sys.executable, "-m", "tools.cluster", "run", host, "--", "env", "-C", str(cwd),
-            f"TF_CONFIG={tf_config}", sys.executable, "-m", "mnist_pipeline.train",
-            *overrides(sha, "multi_worker"), "tracking.experiment_name=multi-worker", *extra,
-        ]  # fmt: skip
-        logs.append(tmp_path / f"{host}.err")
-        with logs[-1].open("w") as err:
-            procs.append(
-                subprocess.Popen(
-                    command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err
-                )
-            )
+    procs, logs = start_workers(workdir, other, "multi-worker", overrides(sha, "multi_worker"))
     errors = wait_for_workers(procs, logs)
     for proc, err in zip(procs, errors, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -340,3 +323,87 @@ def test_one_training_across_both_hosts(ray_lab, prepared, tiny_mirror, workdir,
     weights = load_model(workdir / "models").get_weights()
     for a, b in zip(weights, mirrored_weights, strict=True):
         np.testing.assert_allclose(a, b, atol=WEIGHTS_ATOL)
+
+
+def start_workers(
+    chief: Path, other: Path, experiment: str, train_overrides: list[str], *settings: str
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """``python -m mnist_pipeline.train`` as worker 0 (the chief, in ``chief``) on worker1 and
+    worker 1 (in ``other``) on worker2, ``TF_CONFIG`` naming their addresses; ``settings``
+    (NAME=value) in both environments. Their processes and log files (stdout, where Hydra
+    logs, and stderr, where errors go)."""
+    cluster = {"worker": [f"{WORKER1}:12345", f"{WORKER2}:12345"]}
+    quiet = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    procs, logs = [], []
+    for index, (host, cwd, extra) in enumerate([("worker1", chief, []), ("worker2", other, quiet)]):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        command = [
+            sys.executable, "-m", "tools.cluster", "run", host, "--", "env", "-C", str(cwd),
+            f"TF_CONFIG={tf_config}", *settings, sys.executable, "-m", "mnist_pipeline.train",
+            *train_overrides, f"tracking.experiment_name={experiment}", *extra,
+        ]  # fmt: skip
+        logs.append(other.parent / f"{host}.log")
+        with logs[-1].open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    command, cwd=PROJECT_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+    return procs, logs
+
+
+@pytest.mark.timeout(900)
+def test_a_worker_cut_off_mid_training_stops_both_in_one_line(
+    ray_lab, prepared, tiny_mirror, workdir, tmp_path
+):
+    """worker2's link cut while the two workers train: TensorFlow's coordination service
+    misses worker2's heartbeats (10 s, its default) and aborts the chief's collective ops;
+    the chief ends with one ``error:`` line naming worker2, within a minute of the cut (the
+    collective timeout, 60 s here, is only the backstop), its run FAILED with the reason and
+    ``models/`` untouched. The cut-off worker stops too, in one line."""
+    from tests.test_distributed import files_under, overrides
+
+    sha = tiny_mirror[1]
+    other = tmp_path / "worker2 folder"
+    shutil.copytree(workdir / "data/processed", other / "data/processed")
+    models = files_under(workdir / "models") if (workdir / "models").exists() else {}
+    # Epochs enough to be mid-training at the cut, however fast this machine is.
+    train = [*overrides(sha, "multi_worker"), "train.epochs=200"]
+    procs, logs = start_workers(workdir, other, "multi-worker-cut", train)
+    link = ["ip", "-n", PREFIX + "worker2", "link", "set", "eth0"]
+    try:
+        end = time.monotonic() + 600
+        while "epoch 2/" not in logs[0].read_text(errors="replace"):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < end, "the training did not start"
+            time.sleep(0.5)
+        subprocess.run([*link, "down"], check=True)
+        cut = time.monotonic()
+        procs[0].wait(timeout=300)
+        seconds = time.monotonic() - cut
+        procs[1].wait(timeout=300)
+    finally:
+        subprocess.run([*link, "up"], check=True)
+        for proc in procs:
+            proc.kill()
+    said = [log.read_text(errors="replace") for log in logs]
+    assert [p.returncode for p in procs] == [1, 1], said
+    chief = [line for line in said[0].splitlines() if line.startswith("error:")]
+    assert len(chief) == 1, said[0][-3000:]
+    # Named by its task (the coordination service's heartbeats) or by its address (a call
+    # to it that failed first).
+    assert re.fullmatch(
+        rf"error: multi-worker training stopped: worker (1 )?{WORKER2}:12345 stopped answering "
+        r"\((UnavailableError|DeadlineExceededError)\); nothing was published: start every "
+        r"worker again with the same TF_CONFIG",
+        chief[0],
+    ), chief[0]
+    assert seconds < 60, seconds
+    cut_off = [line for line in said[1].splitlines() if line.startswith("error:")]
+    assert len(cut_off) == 1 and "multi-worker training stopped" in cut_off[0], said[1][-3000:]
+    assert "Traceback" not in said[0] + said[1]
+    found = files_under(workdir / "models") if (workdir / "models").exists() else {}
+    assert found == models  # nothing published
+    [run] = runs(workdir, "multi-worker-cut")["children"]
+    assert run["status"] == "FAILED"
+    assert run["tags"]["error"] == "PipelineError: " + chief[0].removeprefix("error: ")

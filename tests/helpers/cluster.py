@@ -101,8 +101,9 @@ def cmdline(pid: int) -> bytes:
 
 
 #: Waits, on a worker, until the tracking server has a RUNNING run of the train stage (and of
-#: the filter in its first argument, if given, e.g. "and tags.`process.address` = '…'"): a
-#: loop in one process (MLflow's client would take seconds to import for each look).
+#: the filter in its first argument, if given, e.g. "and tags.`process.address` = '…'"), and
+#: prints its id: a loop in one process (MLflow's client would take seconds to import for
+#: each look).
 WAIT_FOR_TRAINING = """
 import base64, json, os, sys, time, urllib.request
 auth = base64.b64encode(
@@ -121,6 +122,7 @@ while time.monotonic() < end:
         "filter": "attributes.status = 'RUNNING' and tags.stage = 'train' "
         + " ".join(sys.argv[1:])}).get("runs", [])
     if runs:
+        print(runs[0]["info"]["run_id"])
         raise SystemExit(0)
     time.sleep(0.2)
 raise SystemExit("no training run started")
