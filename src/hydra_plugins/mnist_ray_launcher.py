@@ -215,6 +215,7 @@ def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobRetu
 
 
 def record_lost(sweep_dir: str, idx: int, overrides: list[str], exc: BaseException) -> JobReturn:
+    """Record a job that will report nothing as FAILED with ``exc``; the sweep goes on."""
     from mnist_pipeline.experiments.sweep_tracking import record_lost_job
 
     log.error("job %d (%s) was lost: %s", idx, " ".join(overrides), exc)
