@@ -249,25 +249,59 @@ def test_a_push_to_an_unreachable_storage_host_fails_and_a_later_one_completes(p
     assert [p.read_bytes() for p in stored] == [payload]
 
 
+def train_losing(repo: Path, env: dict, server: str, lose) -> tuple[str, str]:
+    """A training on worker1 that loses ``server`` (``lose()`` kills it) mid-run: held still
+    (SIGSTOP) while it goes, so that it is lost mid-run however fast this machine trains; it
+    meets the loss at its next call to the tracking server. Checks that it fails with one
+    ``error:`` line, no traceback, and its model kept; ``up`` then starts ``server`` again.
+    Returns the line and the id of the run it lost."""
+    model = (repo / "models" / "model.keras").read_bytes()
+    quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    training = subprocess.Popen(
+        ["ip", "netns", "exec", PREFIX + "worker1", *TRAIN, "train.epochs=30"],
+        cwd=repo, env=quick, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen = on("worker2", sys.executable, "-c", WAIT_FOR_TRAINING, cwd=repo, env=env)
+        assert seen.returncode == 0, seen.stderr
+        os.kill(training.pid, signal.SIGSTOP)
+        lose()
+        os.kill(training.pid, signal.SIGCONT)
+        _, stderr = training.communicate(timeout=300)
+    finally:
+        training.kill()
+    assert training.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert (repo / "models" / "model.keras").read_bytes() == model
+    again = cluster("up")
+    assert again.returncode == 0 and f"started again: {server}" in again.stdout, again.stderr
+    return lines[0], seen.stdout.strip()
+
+
+def rerun_closes_the_lost_run(repo: Path, env: dict, lost_id: str) -> None:
+    """A rerun logs normally and marks the run the loss left RUNNING KILLED: none is left
+    RUNNING."""
+    rerun = on("worker1", *TRAIN, cwd=repo, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    runs = runs_on("worker2", repo, env)
+    assert "RUNNING" not in {r["status"] for r in runs}
+    assert runs[0]["status"] == "FINISHED" and "fit_accuracy" in runs[0]["metrics"]  # the rerun
+    [lost] = [r for r in runs if r["id"] == lost_id]
+    assert lost["status"] == "KILLED" and "died while the run was open" in lost["tags"]["error"]
+
+
+TRAIN = [sys.executable, "-m", "mnist_pipeline.train"]
+
+
 def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
     """``mlflow server`` killed (SIGKILL) while a training logs to it: the stage ends with one
     error line once MLflow's retries (1 here: MLFLOW_HTTP_REQUEST_MAX_RETRIES) are spent and
     keeps its model; ``up`` starts the server again with its runs, and a rerun logs normally,
     marking the lost run KILLED, so that none is left RUNNING."""
     repo, env = project
-    model = (repo / "models" / "model.keras").read_bytes()
-    quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
-    train = [sys.executable, "-m", "mnist_pipeline.train"]
-    training = subprocess.Popen(
-        ["ip", "netns", "exec", PREFIX + "worker1", *train, "train.epochs=30"],
-        cwd=repo, env=quick, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        seen = on("worker2", sys.executable, "-c", WAIT_FOR_TRAINING, cwd=repo, env=env)
-        assert seen.returncode == 0, seen.stderr
-        # Held still (SIGSTOP) while the server goes, so that it is lost mid-run however
-        # fast this machine trains; it meets the loss at its next call to the server.
-        os.kill(training.pid, signal.SIGSTOP)
+
+    def kill_mlflow_server() -> None:
         # The server's Python processes (mlflow, uvicorn, its job runners), not PostgreSQL's
         # (whose command lines name the user, mlflow, too).
         python = sys.executable.encode()
@@ -275,30 +309,50 @@ def test_the_tracking_server_lost_mid_run_fails_the_stage_in_one_line(project):
             if cmdline(pid).split(b"\0")[0] == python:
                 with contextlib.suppress(ProcessLookupError):  # gone with its parent
                     os.kill(pid, signal.SIGKILL)
-        os.kill(training.pid, signal.SIGCONT)
-        _, stderr = training.communicate(timeout=300)
-    finally:
-        training.kill()
-    assert training.returncode == 1, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+
+    line, lost_id = train_losing(repo, env, "mlflow server", kill_mlflow_server)
     # Why, in the parentheses, depends on the moment: a call cut mid-answer ("Remote end
     # closed connection without response") or a new one refused ("Connection refused").
-    assert len(lines) == 1, stderr[-3000:]
     assert re.fullmatch(
         rf"error: the MLflow store {TRACKING} stopped answering \([^()]+\): start it again "
         r"and rerun \(the run left RUNNING is then marked KILLED\)",
-        lines[0],
-    ), lines[0]
-    assert "Traceback" not in stderr
-    assert (repo / "models" / "model.keras").read_bytes() == model
-    again = cluster("up")
-    assert again.returncode == 0 and "started again: mlflow server" in again.stdout, again.stderr
-    rerun = on("worker1", *train, cwd=repo, env=env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    runs = runs_on("worker2", repo, env)
-    assert "RUNNING" not in {r["status"] for r in runs}
-    lost = [r for r in runs if r["status"] == "KILLED"]
-    assert len(lost) == 1 and "died while the run was open" in lost[0]["tags"]["error"]
+        line,
+    ), line
+    rerun_closes_the_lost_run(repo, env, lost_id)
+
+
+def test_the_tracking_hosts_database_lost_mid_run_fails_the_stage_in_one_line(project):
+    """PostgreSQL killed (SIGKILL, every process of it) under the running ``mlflow server``
+    while a training logs: the server answers 503, and once MLflow's retries are spent the
+    stage ends with one line that points at the database, keeping its model; ``up`` starts
+    PostgreSQL again (crash recovery, its runs kept) and a rerun logs normally, marking the
+    lost run KILLED."""
+    repo, env = project
+
+    def kill_postgres() -> None:
+        # The postmaster (its program's path) and its backends (retitled "postgres: ...").
+        names = (str(hosts_postgres_bin()).encode(), b"postgres: ")
+        for pid in ns_pids("tracking"):
+            if cmdline(pid).startswith(names):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    line, lost_id = train_losing(repo, env, "PostgreSQL", kill_postgres)
+    # 503 (its auth app's checks need the database) or 500 (a handler's own query).
+    assert re.fullmatch(
+        rf"error: the MLflow store {TRACKING} answers, but only with errors \(5\d\d, after its "
+        r"retries\): its database is likely down \(the server's log says why\); start that "
+        r"again and rerun \(the run left RUNNING is then marked KILLED\)",
+        line,
+    ), line
+    rerun_closes_the_lost_run(repo, env, lost_id)
+
+
+def hosts_postgres_bin() -> Path:
+    """PostgreSQL's server program, as the cluster starts it (its processes' argv[0])."""
+    from tools.cluster.hosts import require_postgres
+
+    return require_postgres() / "postgres"
 
 
 def test_down_leaves_nothing_behind(lab):

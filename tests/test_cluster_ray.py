@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from mnist_pipeline.core.project import PROJECT_ROOT
-from tests.helpers.cluster import require_namespaces
+from tests.helpers.cluster import WAIT_FOR_TRAINING, require_namespaces
 from tests.helpers.config import sha_overrides
 from tests.helpers.services import require_extra
 from tests.helpers.store import seed
@@ -39,7 +39,7 @@ RUNS = """
 import json, sys, mlflow
 runs = mlflow.search_runs(experiment_names=[sys.argv[1]], output_format="list")
 print(json.dumps([{"id": r.info.run_id, "status": r.info.status, "tags": r.data.tags,
-                   "params": r.data.params} for r in runs]))
+                   "params": r.data.params, "end": r.info.end_time} for r in runs]))
 """
 
 
@@ -61,17 +61,29 @@ def on(host: str, folder: Path, *command: str, client: str = "cluster_ray", **kw
     return tool(client, "run", host, "--", "env", "-C", str(folder), *command, **kw)
 
 
-def sweep(host: str, folder: Path, experiment: str, mirror, client="cluster_ray", **settings):
-    """The sweep of two jobs from ``folder`` on ``host``; ``settings`` outrank the client's."""
+def sweep_command(
+    host: str, folder: Path, experiment: str, mirror, client="cluster_ray", units="16,32",
+    epochs=1, **settings,
+) -> list[str]:  # fmt: skip
+    """The command of a sweep over ``model.units`` from ``folder`` on ``host``;
+    ``settings`` outrank the client's."""
     mirror, sha = mirror
-    return on(
-        host, folder, f"MNIST_MIRROR={mirror}", *(f"{k}={v}" for k, v in settings.items()),
+    return [
+        sys.executable, "-m", f"tools.{client}", "run", host, "--", "env", "-C", str(folder),
+        f"MNIST_MIRROR={mirror}", *(f"{k}={v}" for k, v in settings.items()),
         sys.executable, "-m", "mnist_pipeline.pipeline", "-m",
-        *sha_overrides(sha), "train.epochs=1", "model.units=16,32",
+        *sha_overrides(sha), f"train.epochs={epochs}", f"model.units={units}",
         f"tracking.experiment_name={experiment}", "hydra/launcher=ray_cluster",
         f"hydra.launcher.address={ADDRESS}", "hydra.launcher.num_cpus=1",
-        client=client, timeout=900,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def sweep(host: str, folder: Path, experiment: str, mirror, client="cluster_ray", **settings):
+    """The sweep of two jobs from ``folder`` on ``host``; ``settings`` outrank the client's."""
+    command = sweep_command(host, folder, experiment, mirror, client, **settings)
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
 
 
 def runs(folder: Path, experiment: str) -> dict[str, list[dict]]:
@@ -166,6 +178,76 @@ def test_a_sweep_runs_on_both_hosts(ray_lab, tiny_mirror, folder):
         assert ray_lab["token"] not in text and ray_lab["password"] not in text
 
 
+@pytest.mark.timeout(900)
+def test_a_host_cut_off_mid_sweep_loses_its_job_and_the_rerun_completes_the_set(
+    ray_lab, tiny_mirror, folder
+):
+    """worker2's link cut (``ip link set eth0 down`` in its namespace) while its job trains:
+    the sweep gives the job up once Ray declares the node dead (the lab's health checks:
+    5 to 10 s), the job on worker1 finishes, the job's run and the sweep's parent are FAILED
+    saying which job was lost and why, and the sweep exits 1 with one ``error:`` line naming
+    the job and how to rerun it. With the link back, ``tools.cluster_ray down`` and ``up``
+    bring the lost node back, and the rerun the line gives completes the set."""
+    experiment = "ray-cut"
+    # Epochs enough that worker2's job still trains when the link goes, however fast.
+    command = sweep_command("worker1", folder, experiment, tiny_mirror, epochs=5)
+    running = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        on_worker2 = f"and tags.`process.address` = '{WORKER2}'"
+        seen = on("worker1", folder, sys.executable, "-c", WAIT_FOR_TRAINING, on_worker2)
+        assert seen.returncode == 0, seen.stderr[-2000:]
+        subprocess.run(["ip", "-n", PREFIX + "worker2", "link", "set", "eth0", "down"], check=True)
+        cut = time.time()
+        _, stderr = running.communicate(timeout=600)
+    finally:
+        running.kill()
+        subprocess.run(["ip", "-n", PREFIX + "worker2", "link", "set", "eth0", "up"], check=True)
+    assert running.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: job (\d) \(model\.units=(16|32)\) failed: NodeLost: the Ray node {WORKER2} it "
+        r"ran on \(node id \w+\) was declared dead: its host is down or cut off from the "
+        r"cluster \(it missed the cluster's health checks\); rerun it: the same command with "
+        r"model\.units=\2 for model\.units=16,32",
+        errors[0],
+    ), errors[0]
+    lost_units = re.search(r"model\.units=(\d+)\)", errors[0]).group(1)
+    assert "Traceback" not in stderr
+    found = runs(folder, experiment)
+    [parent] = found["parents"]
+    by_units = {r["params"]["model.units"]: r for r in found["children"]}
+    assert sorted(by_units) == ["16", "32"]
+    lost = by_units[lost_units]
+    assert lost["id"] == seen.stdout.split()[-1]  # the run that was training at the cut
+    assert lost["status"] == "FAILED" and "NodeLost" in lost["tags"]["error"]
+    assert lost["tags"]["process.address"] == WORKER2
+    [other] = [r for u, r in by_units.items() if u != lost_units]
+    assert other["status"] == "FINISHED" and other["tags"]["process.address"] == WORKER1
+    assert parent["status"] == "FAILED"
+    assert parent["tags"]["error"] == errors[0].removeprefix("error: ")
+    # Given up within seconds (the lab's health checks: 5 to 10 s), not after gRPC's minutes.
+    assert lost["end"] / 1000 - cut < 30, lost["end"] / 1000 - cut
+
+    # The lost node back: its raylet exits once it hears it was declared dead; down and up
+    # do not wait for that.
+    for action in ("down", "up"):
+        again = tool("cluster_ray", action)
+        assert again.returncode == 0, again.stderr[-2000:]
+    rerun = subprocess.run(
+        sweep_command("worker1", folder, experiment, tiny_mirror, units=lost_units),
+        cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    children = runs(folder, experiment)["children"]
+    finished = {r["params"]["model.units"] for r in children if r["status"] == "FINISHED"}
+    assert finished == {"16", "32"}
+    assert "RUNNING" not in {r["status"] for r in children}
+
+
 @pytest.mark.parametrize("token", ["none", "wrong"])
 def test_a_client_without_the_token_is_refused_in_one_line(ray_lab, tiny_mirror, folder, token):
     """From worker2 with the tracking credentials but not Ray's token (none, or another):
@@ -221,25 +303,7 @@ def test_one_training_across_both_hosts(ray_lab, prepared, tiny_mirror, workdir,
     other = tmp_path / "worker2 folder"  # the second host's copy of the processed data
     shutil.copytree(workdir / "data/processed", other / "data/processed")
     before = files_under(other)
-    cluster = {"worker": [f"{WORKER1}:12345", f"{WORKER2}:12345"]}
-    quiet = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    procs, logs = [], []
-    for index, (host, cwd, extra) in enumerate(
-        [("worker1", workdir, []), ("worker2", other, quiet)]
-    ):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        command = [
-            sys.executable, "-m", "tools.cluster", "run", host, "--", "env", "-C", str(cwd),
-            f"TF_CONFIG={tf_config}", sys.executable, "-m", "mnist_pipeline.train",
-            *overrides(sha, "multi_worker"), "tracking.experiment_name=multi-worker", *extra,
-        ]  # fmt: skip
-        logs.append(tmp_path / f"{host}.err")
-        with logs[-1].open("w") as err:
-            procs.append(
-                subprocess.Popen(
-                    command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err
-                )
-            )
+    procs, logs = start_workers(workdir, other, "multi-worker", overrides(sha, "multi_worker"))
     errors = wait_for_workers(procs, logs)
     for proc, err in zip(procs, errors, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -259,3 +323,87 @@ def test_one_training_across_both_hosts(ray_lab, prepared, tiny_mirror, workdir,
     weights = load_model(workdir / "models").get_weights()
     for a, b in zip(weights, mirrored_weights, strict=True):
         np.testing.assert_allclose(a, b, atol=WEIGHTS_ATOL)
+
+
+def start_workers(
+    chief: Path, other: Path, experiment: str, train_overrides: list[str], *settings: str
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """``python -m mnist_pipeline.train`` as worker 0 (the chief, in ``chief``) on worker1 and
+    worker 1 (in ``other``) on worker2, ``TF_CONFIG`` naming their addresses; ``settings``
+    (NAME=value) in both environments. Their processes and log files (stdout, where Hydra
+    logs, and stderr, where errors go)."""
+    cluster = {"worker": [f"{WORKER1}:12345", f"{WORKER2}:12345"]}
+    quiet = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    procs, logs = [], []
+    for index, (host, cwd, extra) in enumerate([("worker1", chief, []), ("worker2", other, quiet)]):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        command = [
+            sys.executable, "-m", "tools.cluster", "run", host, "--", "env", "-C", str(cwd),
+            f"TF_CONFIG={tf_config}", *settings, sys.executable, "-m", "mnist_pipeline.train",
+            *train_overrides, f"tracking.experiment_name={experiment}", *extra,
+        ]  # fmt: skip
+        logs.append(other.parent / f"{host}.log")
+        with logs[-1].open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    command, cwd=PROJECT_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+    return procs, logs
+
+
+@pytest.mark.timeout(900)
+def test_a_worker_cut_off_mid_training_stops_both_in_one_line(
+    ray_lab, prepared, tiny_mirror, workdir, tmp_path
+):
+    """worker2's link cut while the two workers train: TensorFlow's coordination service
+    misses worker2's heartbeats (10 s, its default) and aborts the chief's collective ops;
+    the chief ends with one ``error:`` line naming worker2, within a minute of the cut (the
+    collective timeout, 60 s here, is only the backstop), its run FAILED with the reason and
+    ``models/`` untouched. The cut-off worker stops too, in one line."""
+    from tests.test_distributed import files_under, overrides
+
+    sha = tiny_mirror[1]
+    other = tmp_path / "worker2 folder"
+    shutil.copytree(workdir / "data/processed", other / "data/processed")
+    models = files_under(workdir / "models") if (workdir / "models").exists() else {}
+    # Epochs enough to be mid-training at the cut, however fast this machine is.
+    train = [*overrides(sha, "multi_worker"), "train.epochs=200"]
+    procs, logs = start_workers(workdir, other, "multi-worker-cut", train)
+    link = ["ip", "-n", PREFIX + "worker2", "link", "set", "eth0"]
+    try:
+        end = time.monotonic() + 600
+        while "epoch 2/" not in logs[0].read_text(errors="replace"):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < end, "the training did not start"
+            time.sleep(0.5)
+        subprocess.run([*link, "down"], check=True)
+        cut = time.monotonic()
+        procs[0].wait(timeout=300)
+        seconds = time.monotonic() - cut
+        procs[1].wait(timeout=300)
+    finally:
+        subprocess.run([*link, "up"], check=True)
+        for proc in procs:
+            proc.kill()
+    said = [log.read_text(errors="replace") for log in logs]
+    assert [p.returncode for p in procs] == [1, 1], said
+    chief = [line for line in said[0].splitlines() if line.startswith("error:")]
+    assert len(chief) == 1, said[0][-3000:]
+    # Named by its task (the coordination service's heartbeats) or by its address (a call
+    # to it that failed first).
+    assert re.fullmatch(
+        rf"error: multi-worker training stopped: worker (1 )?{WORKER2}:12345 stopped answering "
+        r"\((UnavailableError|DeadlineExceededError)\); nothing was published: start every "
+        r"worker again with the same TF_CONFIG",
+        chief[0],
+    ), chief[0]
+    assert seconds < 60, seconds
+    cut_off = [line for line in said[1].splitlines() if line.startswith("error:")]
+    assert len(cut_off) == 1 and "multi-worker training stopped" in cut_off[0], said[1][-3000:]
+    assert "Traceback" not in said[0] + said[1]
+    found = files_under(workdir / "models") if (workdir / "models").exists() else {}
+    assert found == models  # nothing published
+    [run] = runs(workdir, "multi-worker-cut")["children"]
+    assert run["status"] == "FAILED"
+    assert run["tags"]["error"] == "PipelineError: " + chief[0].removeprefix("error: ")

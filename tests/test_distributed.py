@@ -68,6 +68,22 @@ def test_mirrored_trains_like_single(prepared, tiny_mirror):
     assert len(logged.get_weights()) == 4
 
 
+def test_a_lost_worker_is_named_from_tensorflows_error(monkeypatch):
+    """By the address a call could not reach, or by the task the coordination service found
+    unhealthy, its address from TF_CONFIG (TensorFlow 2.21's words, as seen on the namespace
+    cluster)."""
+    from mnist_pipeline.stages.distribute import lost_peer
+
+    spec = {"cluster": {"worker": ["h0:1", "h1:2"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(spec))
+    refused = "last error: UNKNOWN: ipv4:198.18.0.32:12345: Failed to connect to remote host"
+    assert lost_peer(refused) == "worker 198.18.0.32:12345"
+    silent = "The following tasks are unhealthy (stopped sending heartbeats):\n"
+    silent += "/job:worker/replica:0/task:1"
+    assert lost_peer(silent) == "worker 1 h1:2"
+    assert lost_peer("Deadline Exceeded") == "another worker (or the link to it)"
+
+
 def test_unknown_strategy_is_refused():
     with pytest.raises(
         ConfigError,

@@ -176,6 +176,27 @@ def test_a_lost_job_becomes_a_failed_run(tracking_store, tmp_path):
         assert "worker died" in run.data.tags["error"]
 
 
+def test_a_failed_jobs_line_names_its_own_overrides_and_its_rerun():
+    """Named by what is its alone (not the sweep's checksums and settings), on one line
+    whatever the error's line breaks, with the command that reruns just it."""
+    from types import SimpleNamespace
+
+    from mnist_pipeline.experiments.sweep_tracking import describe_failure
+
+    sweep = ["data.sha256.x=ab", "train.epochs=5", "model.units=16,32", "optimizer=sgd,adam"]
+    tags = {
+        "sweep_job": "3",
+        "sweep_overrides": "data.sha256.x=ab train.epochs=5 model.units=32 optimizer=adam",
+        "error": "NodeLost: the node\nwas declared dead",
+    }
+    run = SimpleNamespace(data=SimpleNamespace(tags=tags))
+    assert describe_failure(run, sweep) == (
+        "job 3 (model.units=32 optimizer=adam) failed: NodeLost: the node was declared dead; "
+        "rerun it: the same command with model.units=32 optimizer=adam for model.units=16,32 "
+        "optimizer=sgd,adam"
+    )
+
+
 def test_without_the_extra_the_launcher_says_what_to_install(monkeypatch):
     from hydra_plugins.mnist_ray_launcher import require_ray
     from mnist_pipeline.core.errors import ConfigError

@@ -64,6 +64,21 @@ TOKEN = RAY_STATE / "auth_token"
 MARK = "MNIST_CLUSTER_RAY_NODE"
 #: Ray's Unix sockets live under each node's temp dir; their paths may not exceed 107 bytes.
 MAX_TEMP_DIR = 50
+#: How soon a node whose link is cut counts as dead (``RAY_<name>`` in the nodes' environment,
+#: read by Ray's C++ config, ``ray_config_def.h``; the head's GCS applies them). The GCS probes
+#: each node every ``period`` and declares it dead after ``failure_threshold`` probes
+#: unanswered within ``timeout``: Ray's defaults (3 s, 10 s, 5) take 20 to 55 s after a cut
+#: (ray-project/ray#16945 names these settings); these take 5 to 10 s, and the sweep gives the
+#: node's jobs up then (``hydra_plugins.mnist_ray_launcher.collect_all``). On real networks
+#: longer ones keep a hiccup from losing jobs (ray-project/ray#39169). The cut-off node itself
+#: runs on until it hears from the GCS again (the link back): its raylet then exits, "marked
+#: as dead by the GCS", and its workers with it.
+HEALTH_CHECK = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "5",
+}
 
 
 class RayClusterError(Exception):
@@ -83,9 +98,10 @@ def client_env() -> dict[str, str]:
 def node_env(host: str) -> dict[str, str]:
     """The environment of ``ray start``: this process's, without any Ray or MLflow setting
     (the jobs get the sweep's store and credentials from the launcher, as on real hosts where
-    a node knows nothing of who sends it work), plus the token and the node mark."""
+    a node knows nothing of who sends it work), plus the token, the health checks' timing
+    and the node mark."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "MNIST_"))}
-    return {**env, **token_env(), MARK: cluster.namespace(host)}
+    return {**env, **token_env(), **HEALTH_CHECK, MARK: cluster.namespace(host)}
 
 
 def temp_dir(host: str) -> Path:

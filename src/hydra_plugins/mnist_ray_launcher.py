@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -44,6 +45,12 @@ from omegaconf import DictConfig, open_dict
 from mnist_pipeline.core.errors import ConfigError, exit_on_error
 
 log = logging.getLogger(__name__)
+
+#: How often the sweep looks whether a node running one of its jobs was declared dead. How
+#: soon that happens is the cluster's setting (Ray's ``RAY_health_check_*``; docs/operations.md).
+NODE_POLL_S = 1.0
+#: In the sweep folder: each job's node id, written when the job starts.
+NODES_DIR = ".ray_nodes"
 
 
 class RayClusterLauncher(Launcher):
@@ -104,6 +111,8 @@ class RayClusterLauncher(Launcher):
         if problem:
             raise ConfigError(problem)
         job = ray.remote(_run_job)
+        nodes_dir = Path(sweep_dir).resolve() / NODES_DIR
+        nodes_dir.mkdir(parents=True, exist_ok=True)
         refs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
@@ -121,14 +130,16 @@ class RayClusterLauncher(Launcher):
                     self.task_function,
                     Singleton.get_state(),
                     env,
+                    str(nodes_dir / str(idx)),
                 )
             )
-        return [
-            collect(ref, sweep_dir, idx, list(overrides))
+        jobs = {
+            idx: (ref, list(overrides))
             for idx, (ref, overrides) in enumerate(
                 zip(refs, job_overrides, strict=True), start=initial_job_idx
             )
-        ]
+        }
+        return collect_all(jobs, sweep_dir, nodes_dir)
 
 
 def require_ray() -> Any:
@@ -143,20 +154,73 @@ def require_ray() -> Any:
     return ray
 
 
+class NodeLost(RuntimeError):
+    """The Ray node a job ran on was declared dead: its host went down or was cut off."""
+
+
+def collect_all(
+    jobs: dict[int, tuple[Any, list[str]]], sweep_dir: str, nodes_dir: Path
+) -> list[JobReturn]:
+    """Every job's result, by job number, each as soon as it is known.
+
+    A job whose node the cluster declares dead (its raylet missed Ray's health checks: a host
+    down or cut off) is lost at once, instead of ``ray.get`` waiting for the dead node's
+    connection to time out: the job's task is not failed until the owner's gRPC call to its
+    worker breaks, which over a cut link (no reset, only silence) takes gRPC's keepalive,
+    minutes (seen with Ray 2.60). Each job writes the id of its node to ``nodes_dir`` when it
+    starts."""
+    import ray
+
+    pending = dict(jobs)
+    results: dict[int, JobReturn] = {}
+    while pending:
+        refs = [ref for ref, _ in pending.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=NODE_POLL_S)
+        dead = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"]}
+        for idx, (ref, overrides) in list(pending.items()):
+            if ref in ready:
+                results[idx] = collect(ref, sweep_dir, idx, overrides)
+            else:
+                node = job_node(nodes_dir / str(idx))
+                if node not in dead:
+                    continue
+                lost = NodeLost(
+                    f"the Ray node {dead[node]} it ran on (node id {node[:12]}) was declared "
+                    "dead: its host is down or cut off from the cluster (it missed the "
+                    "cluster's health checks)"
+                )
+                results[idx] = record_lost(sweep_dir, idx, overrides, lost)
+            del pending[idx]
+    return [results[idx] for idx in sorted(results)]
+
+
+def job_node(path: Path) -> str | None:
+    """The id of the node a job started on, as it wrote it; None before it started."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def collect(ref: Any, sweep_dir: str, idx: int, overrides: list[str]) -> JobReturn:
     """A job's result. A job that died without one (its worker crashed, or the node lacks the
     project folder) is recorded as a FAILED run and the sweep goes on, as for any failed job,
     instead of the first such error ending the sweep and losing the others' results."""
     import ray
 
-    from mnist_pipeline.experiments.sweep_tracking import record_lost_job
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
-        log.error("job %d (%s) was lost: %s", idx, " ".join(overrides), exc)
-        record_lost_job(sweep_dir, idx, overrides, exc)
-        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
+        return record_lost(sweep_dir, idx, overrides, exc)
+
+
+def record_lost(sweep_dir: str, idx: int, overrides: list[str], exc: BaseException) -> JobReturn:
+    """Record a job that will report nothing as FAILED with ``exc``; the sweep goes on."""
+    from mnist_pipeline.experiments.sweep_tracking import record_lost_job
+
+    log.error("job %d (%s) was lost: %s", idx, " ".join(overrides), exc)
+    record_lost_job(sweep_dir, idx, overrides, exc)
+    return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
 
 
 def connect(address: str, timeout_s: float = 5.0) -> None:
@@ -241,15 +305,18 @@ def _run_job(
     task_function: TaskFunction,
     singleton_state: dict[Any, Any],
     env: dict[str, str],
+    node_file: str,
 ) -> JobReturn:
     """One job, in a Ray worker: in the sweep's working directory, with Hydra's state and the
     launching process's ``env`` (its store above all), put back as it was afterwards: the
     worker process runs other sweeps' jobs later. The job's run records the address of the
-    node it ran on (``NODE_ADDRESS_ENV``): nodes may share a hostname."""
+    node it ran on (``NODE_ADDRESS_ENV``): nodes may share a hostname. First it writes its
+    node's id to ``node_file``, for the sweep to know whose death loses it (``collect_all``)."""
     import ray
 
     from mnist_pipeline.tracking.provenance import NODE_ADDRESS_ENV
 
+    Path(node_file).write_text(ray.get_runtime_context().get_node_id())
     env = {**env, NODE_ADDRESS_ENV: ray.util.get_node_ip_address()}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

@@ -69,7 +69,7 @@ def runs_on(host: str, repo: Path, env: dict) -> list[dict]:
         "import json, mlflow\n"
         "runs = mlflow.search_runs(search_all_experiments=True, output_format='list')\n"
         "print(json.dumps([{'status': r.info.status, 'name': r.info.run_name,\n"
-        "    'artifact_uri': r.info.artifact_uri, 'metrics': r.data.metrics,\n"
+        "    'id': r.info.run_id, 'artifact_uri': r.info.artifact_uri, 'metrics': r.data.metrics,\n"
         "    'params': r.data.params, 'tags': r.data.tags} for r in runs]))\n"
     )
     result = on(host, sys.executable, "-c", script, cwd=repo, env=env, timeout=120)
@@ -100,10 +100,12 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
-#: Waits, on a worker, until the tracking server has a RUNNING run of the train stage: a loop
-#: in one process (MLflow's client would take seconds to import for each look).
+#: Waits, on a worker, until the tracking server has a RUNNING run of the train stage (and of
+#: the filter in its first argument, if given, e.g. "and tags.`process.address` = '…'"), and
+#: prints its id: a loop in one process (MLflow's client would take seconds to import for
+#: each look).
 WAIT_FOR_TRAINING = """
-import base64, json, os, time, urllib.request
+import base64, json, os, sys, time, urllib.request
 auth = base64.b64encode(
     f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}".encode()
 ).decode()
@@ -117,8 +119,10 @@ while time.monotonic() < end:
     found = call("experiments/search", {"max_results": 100})["experiments"]
     ids = [e["experiment_id"] for e in found]
     runs = call("runs/search", {"experiment_ids": ids,
-        "filter": "attributes.status = 'RUNNING' and tags.stage = 'train'"}).get("runs", [])
+        "filter": "attributes.status = 'RUNNING' and tags.stage = 'train' "
+        + " ".join(sys.argv[1:])}).get("runs", [])
     if runs:
+        print(runs[0]["info"]["run_id"])
         raise SystemExit(0)
     time.sleep(0.2)
 raise SystemExit("no training run started")

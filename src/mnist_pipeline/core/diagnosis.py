@@ -69,6 +69,12 @@ def is_full_disk(exc: BaseException) -> bool:
 SERVER_LOST = re.compile(r"Max retries exceeded with url|Failed to establish a new connection")
 
 
+#: A tracking server that answers every retry with an error (urllib3's words): ``mlflow
+#: server`` answers 503 while its database (PostgreSQL) is down, 500 for other failures of
+#: its stores.
+SERVER_FAILING = re.compile(r"too many (5\d\d) error responses")
+
+
 def server_lost(exc: BaseException) -> bool:
     """Whether ``exc`` or its chain is MLflow's client giving up on a tracking server that
     stopped answering, after its retries."""
@@ -120,6 +126,13 @@ def describe_one(exc: BaseException, store: str = "the MLflow store") -> str | N
         return (
             f"{store} was made by a newer MLflow than this one (its schema is unknown here): "
             "use that MLflow version (uv sync at a newer commit) or another store"
+        )
+    failing = SERVER_FAILING.search(text)
+    if failing:
+        return (
+            f"{store} answers, but only with errors ({failing.group(1)}, after its retries): "
+            "its database is likely down (the server's log says why); start that again and "
+            "rerun (the run left RUNNING is then marked KILLED)"
         )
     if SERVER_LOST.search(text):
         why = re.search(r"\[Errno -?\d+\] [^\"')]*|Remote end closed[^\"')]*|timed out", text)

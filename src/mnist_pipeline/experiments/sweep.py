@@ -77,6 +77,7 @@ class SweepCallback(Callback):
         children = sweep_tracking.child_runs(info["parent_run_id"])
         failed = [r for r in children if r.info.status != "FINISHED"]
         fatal = sweep_tracking.sweep_failed(info, len(children), len(failed))
+        lines = [sweep_tracking.describe_failure(r, info.get("overrides")) for r in failed]
         with tempfile.TemporaryDirectory() as tmp:
             outputs: list[Path] = []
             try:
@@ -88,17 +89,17 @@ class SweepCallback(Callback):
             except PipelineError as exc:  # no finished job: nothing to compare
                 log.warning("no comparison for sweep %s: %s", info["sweep_id"], exc)
             finally:
-                sweep_tracking.close_parent(info["parent_run_id"], fatal, outputs)
+                sweep_tracking.close_parent(
+                    info["parent_run_id"], fatal, outputs, "\n".join(lines) if fatal else None
+                )
         ui.try_refresh_view(info["experiment"])  # the params this sweep varied become columns
         log.info("sweep %s: %d jobs, %d failed", info["sweep_id"], len(children), len(failed))
+        # One line per failed job, each with how to rerun it; a search's failed trials are
+        # reported, not fatal.
+        for line in lines:
+            print(f"{'error' if fatal else 'warning'}: {line}", file=sys.stderr)
         if fatal:
-            with exit_on_error():
-                raise PipelineError(
-                    f"{len(failed)} of {len(children)} sweep jobs failed:\n"
-                    + "\n".join(f"  {sweep_tracking.describe_failure(r)}" for r in failed)
-                )
-        for run in failed:  # a search's failed trials: reported, not fatal
-            print(f"warning: {sweep_tracking.describe_failure(run)}", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def job_threads(launcher: DictConfig) -> int | None:

@@ -134,12 +134,25 @@ def child_runs(parent_run_id: str) -> list[Any]:
     )
 
 
-def describe_failure(run: Any) -> str:
+def describe_failure(run: Any, sweep_overrides: list[str] | None = None) -> str:
+    """A failed job in one line: its number, its overrides, why, and how to run it again.
+
+    Given the sweep's own overrides, the job is named by the overrides that are its alone
+    (``model.units=32``, not the sweep's long list), and the line ends with how to rerun just
+    it: the sweep's command with those values in place of its lists. Its run stays FAILED
+    beside the rerun's, so the experiment then holds a finished run of every job."""
     tags = run.data.tags
-    return (
-        f"job {tags.get('sweep_job')} ({tags.get('sweep_overrides')}) failed: "
-        f"{tags.get('error', 'no error recorded')}"
+    overrides = tags.get("sweep_overrides", "").split()
+    own = [o for o in overrides if o not in set(sweep_overrides or [])]
+    line = (
+        f"job {tags.get('sweep_job')} ({' '.join(own if sweep_overrides else overrides)}) "
+        f"failed: {' '.join(tags.get('error', 'no error recorded').split())}"
     )
+    keys = {o.split("=", 1)[0] for o in own}
+    lists = [o for o in sweep_overrides or [] if o.split("=", 1)[0] in keys]
+    if own and lists:
+        line += f"; rerun it: the same command with {' '.join(own)} for {' '.join(lists)}"
+    return line
 
 
 def fail_job(experiment: str, error: BaseException, params: dict, job: tracking.JobContext) -> str:
@@ -192,12 +205,17 @@ def abort_sweep(sweep_dir: str | Path, error: BaseException) -> None:
     tracking.fail_run(info["parent_run_id"], error)
 
 
-def close_parent(parent_run_id: str, failed: bool, artifacts: list[Path]) -> None:
-    """Attach the comparison files to the parent run and end it."""
+def close_parent(
+    parent_run_id: str, failed: bool, artifacts: list[Path], error: str | None = None
+) -> None:
+    """Attach the comparison files to the parent run and end it; ``error`` (which jobs
+    failed, and why) goes in its ``error`` tag, so the parent says which jobs to rerun."""
     store = tracking.client()
     try:
         for path in artifacts:
             store.log_artifact(parent_run_id, str(path))
+        if error:
+            store.set_tag(parent_run_id, "error", error[:5000])
     finally:
         store.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")
 

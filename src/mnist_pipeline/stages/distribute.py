@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
-from mnist_pipeline.core.errors import ConfigError
+from mnist_pipeline.core.errors import ConfigError, PipelineError
+
+#: How long each collective op (a step's sum of gradients, the first copy of the weights) waits
+#: for the other workers before the training fails, in seconds: TensorFlow's own default is
+#: to wait for ever, so a worker whose host went silent (a cut link, a frozen machine) would
+#: hang the others for good. A worker whose process died is noticed sooner (its host refuses
+#: the connection). Long enough for the slowest worker's step and the workers' starts being
+#: some seconds apart; ``MNIST_COLLECTIVE_TIMEOUT_S`` sets another (docs/operations.md).
+COLLECTIVE_TIMEOUT_S = 60.0
+COLLECTIVE_TIMEOUT_ENV = "MNIST_COLLECTIVE_TIMEOUT_S"
 
 if TYPE_CHECKING:
     import keras
@@ -118,8 +128,10 @@ def _multi_worker() -> Distribution:
     import tensorflow as tf
 
     task = cluster_task(os.environ.get("TF_CONFIG"))
+    timeout = collective_timeout(os.environ.get(COLLECTIVE_TIMEOUT_ENV))
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except RuntimeError as exc:  # "Collective ops must be configured at program startup"
         raise ConfigError(
             f"train.strategy=multi_worker needs a fresh process ({exc}): run the train stage "
@@ -128,6 +140,60 @@ def _multi_worker() -> Distribution:
     return Distribution(
         "multi_worker", strategy, task.is_chief, task.workers, strategy.num_replicas_in_sync
     )
+
+
+def collective_timeout(value: str | None) -> float:
+    """``MNIST_COLLECTIVE_TIMEOUT_S`` (seconds, above 0), or the default when it is unset."""
+    if not value:
+        return COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV} must be seconds above 0, got {value!r}")
+    return seconds
+
+
+@contextmanager
+def lost_workers_fail(dist: Distribution) -> Iterator[None]:
+    """A multi-worker training whose peer is lost ends in one line instead of TensorFlow's
+    traceback; whatever the chief had staged is dropped, so no model is published.
+
+    TensorFlow notices in seconds: a peer whose process died refuses the connection; a peer
+    whose host went silent (a cut link) stops the heartbeats of TensorFlow's coordination
+    service (its default: 10 s without one), which aborts every worker's collective ops; the
+    collective timeout (``COLLECTIVE_TIMEOUT_S``) is the backstop for a peer that is there but
+    never joins the step."""
+    if dist.name != "multi_worker":
+        yield
+        return
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as exc:
+        raise PipelineError(
+            f"multi-worker training stopped: {lost_peer(str(exc.message))} stopped answering "
+            f"({type(exc).__name__}); nothing was published: start every worker again with "
+            "the same TF_CONFIG"
+        ) from exc
+
+
+def lost_peer(message: str) -> str:
+    """Which worker TensorFlow's error names: the address it could not reach, or the task
+    the coordination service found unhealthy (its address from TF_CONFIG)."""
+    address = re.search(r"ipv4:(\d+\.\d+\.\d+\.\d+:\d+)", message)
+    if address:
+        return f"worker {address.group(1)}"
+    task = re.search(r"unhealthy[^/]*/job:(\w+)/replica:\d+/task:(\d+)", message)
+    if task:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        job, index = task.group(1), int(task.group(2))
+        addresses = cluster.get(job, [])
+        where = f" {addresses[index]}" if index < len(addresses) else ""
+        return f"{job} {index}{where}"
+    return "another worker (or the link to it)"
 
 
 #: The set-up of each strategy the schema accepts (``config.STRATEGIES``, by name).

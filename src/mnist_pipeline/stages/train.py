@@ -167,7 +167,7 @@ def fit(
                 patience=cfg.train.early_stopping_patience, restore_best_weights=True
             )
         )
-    with distribute.keras_multi_worker_fixes(model, dist):
+    with distribute.lost_workers_fail(dist), distribute.keras_multi_worker_fixes(model, dist):
         history = model.fit(
             **data,
             epochs=cfg.train.epochs,
