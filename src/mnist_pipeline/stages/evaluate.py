@@ -87,8 +87,10 @@ def predict_with_loss(
 
 
 def evaluate(cfg: PipelineConfig) -> dict:
-    """Evaluate the saved model on the test set; return the metrics file's content."""
-    log_filter.quiet_progress()
+    """Evaluate the saved model on the test set; return the metrics file's content.
+
+    Everything that can refuse (the run, params.yaml, the arrays, the model file's hash) is
+    checked before Keras is imported: a refusal takes a second, not TensorFlow's import."""
     models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
     run = artifacts.read_run_ref(models)
     tracking.require_train_run(run["run_id"], str(models / artifacts.RUN_FILE))
@@ -101,6 +103,7 @@ def evaluate(cfg: PipelineConfig) -> dict:
     x_test, y_test = artifacts.load_processed(cfg.paths.processed, "test")
     artifacts.verify_processed(cfg.paths.processed, {"test": (x_test, y_test)})
     model = artifacts.load_model(models, run.get("model_sha256"))
+    log_filter.quiet_progress()
     probabilities, test_loss = predict_with_loss(model, x_test, y_test)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_test, predicted)

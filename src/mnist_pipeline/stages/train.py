@@ -58,6 +58,12 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
     x_mapped, y_train = artifacts.load_processed(processed, "train")  # memory-mapped: cheap
     # A network that cannot fit is refused before TensorFlow allocates anything.
     footprint.check_memory(cfg, len(x_mapped))
+    x_val, y_val = artifacts.load_processed(processed, "val")
+    # Refused unless they are the arrays preprocess wrote (an array changed behind DVC's
+    # back), before the seconds TensorFlow takes to import.
+    digest = artifacts.verify_processed(
+        processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)}
+    )
     # Keras and TensorFlow cost seconds to import: only when training.
     from mnist_pipeline.stages.model import build_model, seed_everything
 
@@ -65,11 +71,6 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
     dist = distribute.setup(cfg.train.strategy)
     if dist.chief:
         artifacts.clear_run_ref(models)
-    x_val, y_val = artifacts.load_processed(processed, "val")
-    # Refused unless they are the arrays preprocess wrote (an array changed behind DVC's back).
-    digest = artifacts.verify_processed(
-        processed, {"train": (x_mapped, y_train), "val": (x_val, y_val)}
-    )
     example = np.array(x_mapped[:5])
     seed_everything(cfg.seed)
     # After seed_everything: its clear_session resets Keras's global state.
