@@ -134,6 +134,7 @@ def set_up(args: argparse.Namespace) -> Workspace:
             "which builds it from bench/requirements-tf.txt"
         )
     tmp = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
+    args.out.mkdir(parents=True, exist_ok=True)  # --out may name a folder not made yet
     log = args.out / "bench.log"
     log.write_text("")
     env = {

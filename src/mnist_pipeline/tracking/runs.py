@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mnist_pipeline.core import diagnosis, memory
+from mnist_pipeline.core import diagnosis, liveness, memory
 from mnist_pipeline.core.config import PipelineConfig, flatten
 from mnist_pipeline.core.errors import ConfigError
 from mnist_pipeline.tracking import names
@@ -145,7 +145,7 @@ def close_dead_runs(experiment_id: str) -> list[str]:
     # Children first, so that a parent (a sweep's) counts them as they end.
     for run in sorted(stale, key=lambda r: "mlflow.parentRunId" not in r.data.tags):
         pid = int(run.data.tags.get("process.pid", "0"))
-        if pid <= 0 or pid == os.getpid() or _alive(pid):
+        if pid <= 0 or pid == os.getpid() or liveness.pid_alive(pid):
             continue
         reason = dead_run_reason(pid, run.data.tags) + _children(store, run)
         store.set_tag(run.info.run_id, "error", reason)
@@ -181,16 +181,6 @@ def dead_run_reason(pid: int, tags: dict[str, str]) -> str:
         f"process {pid} died while the run was open, or could not record its end (it was "
         "killed, crashed, or its store was not writable when it failed)"
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def error_text(exc: BaseException) -> str:
@@ -254,7 +244,7 @@ def reopen_run(run_id: str) -> bool:
     if run.info.lifecycle_stage != "active":
         return False
     host, pid = run.data.tags.get("process.host"), int(run.data.tags.get("process.pid", "0"))
-    if run.info.status == "RUNNING" and (host != socket.gethostname() or _alive(pid)):
+    if run.info.status == "RUNNING" and (host != socket.gethostname() or liveness.pid_alive(pid)):
         raise ConfigError(
             f"run {run_id} is still open by process {pid} on {host}: wait for it to end "
             "(or stop it) first"
