@@ -215,11 +215,14 @@ def _no_traceback(record: logging.LogRecord) -> bool:
 
 def _quiet_store_tracebacks() -> None:
     """MLflow logs a database error with its full traceback before raising it again; the
-    command reports the raised error in one line (``errors.exit_on_error``). The traceback
-    stays for MNIST_PIPELINE_DEBUG=1."""
+    command reports the raised error in one line (``errors.exit_on_error``). The traceback,
+    and the store's INFO lines, stay for MNIST_PIPELINE_DEBUG=1."""
     if os.environ.get(DEBUG_ENV):
         return
     logger = logging.getLogger("mlflow.store.db.utils")
+    # Its INFO lines ("Creating initial MLflow database tables...", "Updating database
+    # tables") are the store's business, not the stage's: warnings and errors stay.
+    logger.setLevel(logging.WARNING)
     if _no_traceback not in logger.filters:
         logger.addFilter(_no_traceback)
 
