@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -192,6 +193,12 @@ def test_server_without_the_extra_says_what_to_install(capsys, monkeypatch):
     assert "the project's optional `server` extra: make server" in capsys.readouterr().err
 
 
+def huey_stores() -> set[Path]:
+    """The folders MLflow's servers make in /dev/shm (``tempfile.mkdtemp``) for their GenAI
+    job runner's store (Huey)."""
+    return {p for p in Path("/dev/shm").glob("tmp*") if p.is_dir()}
+
+
 @pytest.mark.slow
 def test_make_server_runs_mlflow_server_on_any_store_mlflow_knows(tmp_path):
     """`make server` on a SQLite store (a team's first server, before PostgreSQL): the real
@@ -211,10 +218,14 @@ def test_make_server_runs_mlflow_server_on_any_store_mlflow_knows(tmp_path):
         "1",
     ]
     log = tmp_path / "server.log"
+    huey_before = huey_stores()
     server = started(command, f"http://127.0.0.1:{port}/health", dict(os.environ), log, 180)
     try:
         url = f"http://127.0.0.1:{port}"
         assert api(url, "mlflow/experiments/search", {"max_results": 10})["experiments"]
+        # No GenAI job runner (mnist_pipeline.MLFLOW_JOBS_OFF): MLflow 3.17 would leave its
+        # store in a /dev/shm folder it never removes, one per server start.
+        assert huey_stores() <= huey_before, huey_stores() - huey_before
     finally:
         server.stop()
     printed = log.read_text()

@@ -14,5 +14,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 #: the UI through its server; Ray sends usage stats from every cluster it starts. DVC's
 #: update check is off in .dvc/config. A variable set beforehand is kept: opt in that way.
 CALLS_HOME_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
-for _name, _value in CALLS_HOME_OFF.items():
+
+#: MLflow's GenAI job runner, off in the servers the project starts (`make ui`, `make server`,
+#: the cluster's tracking host): the project runs none of its jobs, and each server start
+#: (MLflow 3.17.2) makes a Huey consumer and a folder in /dev/shm that it never removes.
+MLFLOW_JOBS_OFF = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+for _name, _value in {**CALLS_HOME_OFF, **MLFLOW_JOBS_OFF}.items():
     os.environ.setdefault(_name, _value)
