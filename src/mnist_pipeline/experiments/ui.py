@@ -41,7 +41,7 @@ import sys
 import threading
 from typing import Any
 
-from mnist_pipeline import tracking
+from mnist_pipeline import MLFLOW_JOBS_OFF, tracking
 from mnist_pipeline.core.errors import PipelineError, exit_on_error
 from mnist_pipeline.core.project import PROJECT_ROOT, mlflow_command
 from mnist_pipeline.core.supervised import Server, ServerExited
@@ -56,8 +56,10 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 METRICS = ("test_accuracy", "train_accuracy", "accuracy_gap")
 #: Beyond this many differing params the table gets unreadable; the first ones are kept.
 MAX_PARAMS = 12
-#: The environment that makes ``mlflow server`` start in seconds (see the module docstring).
-FAST_START_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+#: The environment that makes ``mlflow server`` start in seconds (see the module docstring):
+#: the package's default for every server it starts, forced here even if the caller's
+#: environment says otherwise.
+FAST_START_ENV = MLFLOW_JOBS_OFF
 
 
 def view_state(params: list[str]) -> dict[str, Any]:
