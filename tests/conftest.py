@@ -14,24 +14,26 @@ from mnist_pipeline.core.config import PipelineConfig
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
 from tests.helpers.processes import run_pipeline
-from tools.workspace import NETAUDIT, NETAUDIT_ENV
+from tools.workspace import NETAUDIT_ENV, TESTRUN
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _audit_the_network() -> None:
-    """The network rule, enforced (``tools/netaudit``): this process and every Python process
-    the tests start record any attempt to reach an address off this machine; the session
-    fails if one did (``pytest_sessionfinish``). Set up once, by the process pytest was
-    started as: pytest-xdist's workers inherit the log and the path."""
+    """The network rule, enforced (``tools/testrun/netaudit.py``): this process and every
+    Python process the tests start record any attempt to reach an address off this machine;
+    the session fails if one did (``pytest_sessionfinish``). Set up once, by the process
+    pytest was started as: pytest-xdist's workers inherit the log and the path (and load
+    ``tools/testrun``'s start-up, with coverage's cost cut, like every process after)."""
     if not os.environ.get(NETAUDIT_ENV):
         folder = Path(tempfile.mkdtemp(prefix="mnist-netaudit-"))
         os.environ[NETAUDIT_ENV] = str(folder / "attempts.log")
         path = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETAUDIT), path]))
-    if "sitecustomize" not in sys.modules or not hasattr(sys.modules["sitecustomize"], "LAB"):
-        spec = importlib.util.spec_from_file_location("netaudit", NETAUDIT / "sitecustomize.py")
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTRUN), path]))
+    if "netaudit" not in sys.modules:  # not loaded at start-up: this process started before
+        spec = importlib.util.spec_from_file_location("netaudit", TESTRUN / "netaudit.py")
+        sys.modules["netaudit"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
 
 
 _audit_the_network()

@@ -19,8 +19,9 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_EMAIL": "t@t",
 }
 
-#: The network audit (``tools/netaudit``): on while its log is named in the environment.
-NETAUDIT = Path(__file__).parent / "netaudit"
+#: What every Python process of a test run loads at start-up (``tools/testrun``: the network
+#: audit, on while its log is named in the environment, and coverage's cost cut).
+TESTRUN = Path(__file__).parent / "testrun"
 NETAUDIT_ENV = "MNIST_NETAUDIT_LOG"
 
 #: What a copy needs to run the pipeline (uncommitted edits included).
@@ -44,8 +45,9 @@ def copy_project(dest: Path, env: dict[str, str] | None = None, commit: bool = T
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
-    if os.environ.get(NETAUDIT_ENV):  # a test run: its DVC stages are audited too
-        shutil.copy(NETAUDIT / "sitecustomize.py", dest / "src" / "sitecustomize.py")
+    if os.environ.get(NETAUDIT_ENV):  # a test run: its DVC stages load the same start-up
+        for module in TESTRUN.glob("*.py"):
+            shutil.copy(module, dest / "src" / module.name)
     if commit:
         git_commit(dest, env)
     return dest

@@ -3,12 +3,9 @@ reach an address off this machine (``socket.getaddrinfo`` of a remote name, ``co
 a remote address) in the file ``$MNIST_NETAUDIT_LOG``, with the command and the stack that
 made it; the test session fails if that file is not empty (``tests/conftest.py``).
 
-Loaded at start-up as ``sitecustomize`` by every process whose path has this folder (the
-suite puts it on ``PYTHONPATH``) or whose ``src/`` holds a copy (``tools.workspace`` puts one
-in the project copies it makes while the log is set: their DVC stage commands set
-``PYTHONPATH=src``). Allowed: loopback, this machine's own
-name, the namespace hosts of ``make cluster`` (198.18.0.0/15), Unix sockets. Uses only the
-standard library and does nothing without ``$MNIST_NETAUDIT_LOG``."""
+Loaded at start-up by the test run's ``sitecustomize`` (this folder). Allowed: loopback, this
+machine's own name, the namespace hosts of ``make cluster`` (198.18.0.0/15), Unix sockets.
+Uses only the standard library and does nothing without ``$MNIST_NETAUDIT_LOG``."""
 
 import ipaddress
 import os
