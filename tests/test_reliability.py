@@ -120,37 +120,67 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+WRITERS = 8
 WRITER = """
+import os
 import sys
+import traceback
+
+import mlflow  # imported once, before the fork: each writer is a copy of this process
 from mnist_pipeline import tracking
 from tests.helpers.config import compose_config
+
 cfg = compose_config()
-with tracking.start_run(cfg, "writer", params={"writer": sys.argv[1]}):
-    for step in range(5):
-        tracking.log_metrics({"value": float(sys.argv[1]) + step}, step=step)
-    tracking.log_dict({"writer": sys.argv[1]}, "writer.json")
+go, start = os.pipe()
+pids = []
+for i in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid:
+        pids.append(pid)
+        continue
+    os.close(start)
+    os.read(go, 1)  # every writer waits here: they start writing together
+    code = 0
+    try:
+        with tracking.start_run(cfg, "writer", params={"writer": str(i)}):
+            for step in range(5):
+                tracking.log_metrics({"value": float(i) + step}, step=step)
+            tracking.log_dict({"writer": str(i)}, "writer.json")
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+os.close(start)  # end of file on the pipe: go
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+print(codes)
+sys.exit(0 if codes == [0] * len(pids) else 1)
 """
 
 
 @pytest.mark.slow
 def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
+    """Eight processes, each with a connection of its own to one SQLite store, log runs,
+    metrics and artifacts at once. They are forked from one process that imported MLflow
+    (eight imports cost more than the test) and released together: the writes overlap, rather
+    than being spread out by eight imports of different lengths."""
     tracking.ensure_experiment("mnist")  # as a sweep does before its jobs start
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(i)],
-            env=env,
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(8)
-    ]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 8, errors
-    assert not any("database is locked" in e for e in errors)
+    result = subprocess.run(
+        [sys.executable, "-c", WRITER, str(WRITERS)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.strip() == str([0] * WRITERS)
+    assert "database is locked" not in result.stderr
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
-    assert sorted(r.data.params["writer"] for r in runs) == [str(i) for i in range(8)]
+    assert sorted(r.data.params["writer"] for r in runs) == sorted(str(i) for i in range(WRITERS))
+    pids = {r.data.tags["process.pid"] for r in runs}
+    assert len(pids) == WRITERS  # eight processes, not one writing eight times
     client = mlflow.MlflowClient()
     for run in runs:
         assert run.info.status == "FINISHED"
