@@ -59,6 +59,7 @@ def start(workdir: Path, env: dict, log: Path, *args: str) -> subprocess.Popen:
         )
 
 
+@pytest.mark.filterwarnings("ignore:The number of trials is too small")  # one COMPLETE trial
 def test_a_killed_study_resumes_to_its_trials(tiny_mirror, tracking_store, workdir, env, capfd):
     """The study's call is killed (SIGKILL) while trial 0 trains; the same command marks that
     trial FAIL (interrupted: it does not count) and runs the study to its n_trials COMPLETE

@@ -131,18 +131,29 @@ from mnist_pipeline import tracking
 from tests.helpers.config import compose_config
 
 cfg = compose_config()
-go, start = os.pipe()
+n = int(sys.argv[1])
+ready, said = os.pipe()
+gates = [os.pipe() for _ in range(2)]  # before opening the runs, before logging into them
+
+
+def together(go):
+    # A barrier: this writer says it is at the gate, then waits until the parent opens it.
+    os.write(said, b".")
+    os.read(go, 1)
+
 pids = []
-for i in range(int(sys.argv[1])):
+for i in range(n):
     pid = os.fork()
     if pid:
         pids.append(pid)
         continue
-    os.close(start)
-    os.read(go, 1)  # every writer waits here: they start writing together
+    for go, start in gates:
+        os.close(start)
     code = 0
     try:
+        together(gates[0][0])
         with tracking.start_run(cfg, "writer", params={"writer": str(i)}):
+            together(gates[1][0])  # all eight runs are open: now they all log
             for step in range(5):
                 tracking.log_metrics({"value": float(i) + step}, step=step)
             tracking.log_dict({"writer": str(i)}, "writer.json")
@@ -151,10 +162,18 @@ for i in range(int(sys.argv[1])):
         code = 1
     sys.stderr.flush()
     os._exit(code)
-os.close(start)  # end of file on the pipe: go
+os.close(said)  # the writers hold it: if they all die, the parent reads end of file
+for go, start in gates:
+    got = 0
+    while got < n:  # every writer at the gate (a writer that died says so below)
+        chunk = os.read(ready, n - got)
+        if not chunk:
+            break
+        got += len(chunk)
+    os.close(start)  # end of file on the gate's pipe: they all go
 codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
 print(codes)
-sys.exit(0 if codes == [0] * len(pids) else 1)
+sys.exit(0 if codes == [0] * n else 1)
 """
 
 
@@ -162,8 +181,9 @@ sys.exit(0 if codes == [0] * len(pids) else 1)
 def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
     """Eight processes, each with a connection of its own to one SQLite store, log runs,
     metrics and artifacts at once. They are forked from one process that imported MLflow
-    (eight imports cost more than the test) and released together: the writes overlap, rather
-    than being spread out by eight imports of different lengths."""
+    (eight imports cost more than the test) and held at two gates (before opening their runs,
+    before logging into them): the eight runs are open together and all write at once, made
+    so rather than hoped for."""
     tracking.ensure_experiment("mnist")  # as a sweep does before its jobs start
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
@@ -179,8 +199,9 @@ def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
     assert "database is locked" not in result.stderr
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     assert sorted(r.data.params["writer"] for r in runs) == sorted(str(i) for i in range(WRITERS))
-    pids = {r.data.tags["process.pid"] for r in runs}
-    assert len(pids) == WRITERS  # eight processes, not one writing eight times
+    assert len({r.data.tags["process.pid"] for r in runs}) == WRITERS  # eight processes
+    # All open at once: the last run opened before the first one closed.
+    assert max(r.info.start_time for r in runs) <= min(r.info.end_time for r in runs)
     client = mlflow.MlflowClient()
     for run in runs:
         assert run.info.status == "FINISHED"

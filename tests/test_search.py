@@ -341,6 +341,7 @@ def seed_sampling_both(key: str, values: tuple, n_trials: int, overrides: list[s
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The number of trials is too small")  # one COMPLETE trial
 def test_failed_trials_are_told_and_the_study_completes(study):
     # A negative learning rate fails the job's config check: its trial fails. Two trials, one
     # of each (the seed makes it so); in this process, the basic launcher runs them one after
