@@ -136,10 +136,14 @@ ready, said = os.pipe()
 gates = [os.pipe() for _ in range(2)]  # before opening the runs, before logging into them
 
 
+passed = []  # the gates this writer went through
+
+
 def together(go):
     # A barrier: this writer says it is at the gate, then waits until the parent opens it.
     os.write(said, b".")
     os.read(go, 1)
+    passed.append(go)
 
 pids = []
 for i in range(n):
@@ -159,13 +163,14 @@ for i in range(n):
             tracking.log_dict({"writer": str(i)}, "writer.json")
     except BaseException:
         traceback.print_exc()
+        os.write(said, b"!" * (len(gates) - len(passed)))  # the parent waits for no dead one
         code = 1
     sys.stderr.flush()
     os._exit(code)
 os.close(said)  # the writers hold it: if they all die, the parent reads end of file
 for go, start in gates:
     got = 0
-    while got < n:  # every writer at the gate (a writer that died says so below)
+    while got < n:  # every writer at the gate, or failed before it
         chunk = os.read(ready, n - got)
         if not chunk:
             break
