@@ -23,6 +23,7 @@ from tests.helpers.processes import run_pipeline
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
+@pytest.mark.filterwarnings("ignore:The number of trials is too small")  # 1 trial
 def test_full_disk_under_the_study_storage_then_resumed(
     tiny_mirror, tracking_store, workdir, tmp_path, monkeypatch, capfd
 ):
