@@ -172,16 +172,26 @@ def https_mirror(tiny_mirror, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def sweep(tiny_mirror, tracking_store, workdir):
-    """Run a sweep on tiny data in a subprocess; return (the completed process, the sweep's
-    parent run, its child runs)."""
+def sweep(tiny_mirror, tracking_store, workdir, monkeypatch, request):
+    """Run a sweep on tiny data in a subprocess, or with ``in_process=True`` through the
+    entry point in this process (``tests.helpers.cli.app_result``: a subprocess pays seconds
+    of imports; the one real subprocess per command checks the wiring); return (the completed
+    process, the sweep's parent run, its child runs)."""
     import mlflow
+
+    from mnist_pipeline import pipeline
+    from tests.helpers.cli import app_result
 
     folder, sha = tiny_mirror
     env = {**os.environ, "MNIST_MIRROR": str(folder)}
+    monkeypatch.setenv("MNIST_MIRROR", str(folder))
 
-    def run(*overrides: str):
-        result = run_pipeline(workdir, env, "-m", *sha_overrides(sha), "train.epochs=1", *overrides)
+    def run(*overrides: str, in_process: bool = False):
+        args = ["-m", *sha_overrides(sha), "train.epochs=1", *overrides]
+        if in_process:
+            result = app_result(request.getfixturevalue("capfd"), pipeline.main, *args)
+        else:
+            result = run_pipeline(workdir, env, *args)
         parents = mlflow.search_runs(
             search_all_experiments=True,
             output_format="list",

@@ -120,37 +120,93 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+WRITERS = 8
 WRITER = """
+import os
 import sys
+import traceback
+
+import mlflow  # imported once, before the fork: each writer is a copy of this process
 from mnist_pipeline import tracking
 from tests.helpers.config import compose_config
+
 cfg = compose_config()
-with tracking.start_run(cfg, "writer", params={"writer": sys.argv[1]}):
-    for step in range(5):
-        tracking.log_metrics({"value": float(sys.argv[1]) + step}, step=step)
-    tracking.log_dict({"writer": sys.argv[1]}, "writer.json")
+n = int(sys.argv[1])
+ready, said = os.pipe()
+gates = [os.pipe() for _ in range(2)]  # before opening the runs, before logging into them
+
+
+passed = []  # the gates this writer went through
+
+
+def together(go):
+    # A barrier: this writer says it is at the gate, then waits until the parent opens it.
+    os.write(said, b".")
+    os.read(go, 1)
+    passed.append(go)
+
+pids = []
+for i in range(n):
+    pid = os.fork()
+    if pid:
+        pids.append(pid)
+        continue
+    for go, start in gates:
+        os.close(start)
+    code = 0
+    try:
+        together(gates[0][0])
+        with tracking.start_run(cfg, "writer", params={"writer": str(i)}):
+            together(gates[1][0])  # all eight runs are open: now they all log
+            for step in range(5):
+                tracking.log_metrics({"value": float(i) + step}, step=step)
+            tracking.log_dict({"writer": str(i)}, "writer.json")
+    except BaseException:
+        traceback.print_exc()
+        os.write(said, b"!" * (len(gates) - len(passed)))  # the parent waits for no dead one
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+os.close(said)  # the writers hold it: if they all die, the parent reads end of file
+for go, start in gates:
+    got = 0
+    while got < n:  # every writer at the gate, or failed before it
+        chunk = os.read(ready, n - got)
+        if not chunk:
+            break
+        got += len(chunk)
+    os.close(start)  # end of file on the gate's pipe: they all go
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+print(codes)
+sys.exit(0 if codes == [0] * n else 1)
 """
 
 
 @pytest.mark.slow
 def test_eight_concurrent_writers_lose_nothing(tracking_store, tmp_path):
+    """Eight processes, each with a connection of its own to one SQLite store, log runs,
+    metrics and artifacts at once. They are forked from one process that imported MLflow
+    (eight imports cost more than the test) and held at two gates (before opening their runs,
+    before logging into them): the eight runs are open together and all write at once, made
+    so rather than hoped for."""
     tracking.ensure_experiment("mnist")  # as a sweep does before its jobs start
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(i)],
-            env=env,
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(8)
-    ]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 8, errors
-    assert not any("database is locked" in e for e in errors)
+    result = subprocess.run(
+        [sys.executable, "-c", WRITER, str(WRITERS)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.strip() == str([0] * WRITERS)
+    assert "database is locked" not in result.stderr
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
-    assert sorted(r.data.params["writer"] for r in runs) == [str(i) for i in range(8)]
+    assert sorted(r.data.params["writer"] for r in runs) == sorted(str(i) for i in range(WRITERS))
+    assert len({r.data.tags["process.pid"] for r in runs}) == WRITERS  # eight processes
+    # All open at once: the last run opened before the first one closed.
+    assert max(r.info.start_time for r in runs) <= min(r.info.end_time for r in runs)
     client = mlflow.MlflowClient()
     for run in runs:
         assert run.info.status == "FINISHED"
