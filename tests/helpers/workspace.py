@@ -76,7 +76,7 @@ def copy_reproduced(
     it out, or in it (``store_in_repo``: where a plain `mlflow ui` there finds it). The
     store's artifact locations are absolute: the project's own relocation of a copied store
     points them at the copy now, so no later command warns, or writes to the template. DVC's
-    ``.dvc/tmp`` (locks, queue, experiments' state) is the template's own and stays. Returns
+    ``.dvc/tmp`` (locks, queue, experiments' state) is the template's own: not copied. Returns
     the repository and the environment to run `dvc` there (the tiny ``mirror``)."""
     shutil.copytree(template / "repo", repo, ignore=_dvc_tmp)
     store = repo if store_in_repo else repo.parent
