@@ -1,18 +1,23 @@
-"""Shared fixtures: tiny MNIST-format data, an isolated MLflow store, composed configs."""
+"""Shared fixtures: tiny MNIST-format data, an isolated MLflow store, composed configs, the
+tiny DVC project reproduced once per session."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from mnist_pipeline.core.config import PipelineConfig
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import make_mirror
+from tests.helpers.faults import digests
 from tests.helpers.processes import run_pipeline
 from tools.workspace import NETAUDIT_ENV, TESTRUN
 
@@ -220,3 +225,36 @@ def store_template(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
+
+
+class Reproduced(NamedTuple):
+    """The session's reproduced tiny project (``tests.helpers.workspace.reproduce_template``):
+    its folder, to copy (``copy_reproduced``), never to change; what its cold `dvc repro`
+    printed; and its files' digests once built (a test checks that no copy wrote to it)."""
+
+    folder: Path
+    output: str
+    digests: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory, tiny_mirror) -> Reproduced:
+    """The tiny project after a cold `dvc repro`, made once per test session: under
+    pytest-xdist in the folder the workers share (their base temporary folders' parent), the
+    first worker builds it under a file lock and the others wait, then copy it. A template a
+    failed build left half-made (no digests written) is built again. Its folder has a space in
+    its name, as a user's may."""
+    from filelock import FileLock
+
+    from tests.helpers.workspace import reproduce_template
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "reproduced project"
+    log, done = shared / "reproduced.log", shared / "reproduced.digests.json"
+    with FileLock(shared / "reproduced.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            log.write_text(reproduce_template(folder, *tiny_mirror))
+            done.write_text(json.dumps(digests(folder)))
+    return Reproduced(folder, log.read_text(), json.loads(done.read_text()))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.faults import digests, fill, tmpfs
-from tests.helpers.workspace import tiny_dvc_project
+from tests.helpers.workspace import copy_reproduced
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -44,12 +44,12 @@ def onto(stack: ExitStack, mount: Path, folder: Path, size: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_mirror):
-    """After a first `dvc repro` on the root disk (with no dvc.lock yet the check counts the
-    full MNIST sizes), data/ and the cache are moved onto tmpfs mounts of their own."""
+def project(tmp_path_factory, tiny_mirror, reproduced_template):
+    """A copy of the session's reproduced project (its first `dvc repro` ran on the root
+    disk: with no dvc.lock yet the check counts the full MNIST sizes), whose data/ and cache
+    are then moved onto tmpfs mounts of their own."""
     tmp = tmp_path_factory.mktemp("dvc disks")
-    repo, env = tiny_dvc_project(tmp, *tiny_mirror)
-    dvc(["repro"], repo, env)
+    repo, env = copy_reproduced(reproduced_template.folder, tmp / "repo", tiny_mirror[0])
     (repo / "data").rename(tmp / "data")
     (repo / "data").mkdir()
     with ExitStack() as stack:

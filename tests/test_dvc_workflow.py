@@ -23,7 +23,7 @@ from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
 from tests.helpers.browser import draw
 from tests.helpers.config import edit_yaml
 from tests.helpers.processes import run_stage
-from tests.helpers.workspace import tiny_dvc_project
+from tests.helpers.workspace import copy_reproduced
 from tools.workspace import git_commit
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
@@ -53,13 +53,13 @@ def dvc(args: list[str], repo: Path, env: dict, ok: bool = True) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_mirror):
-    folder, sha = tiny_mirror
-    repo, env = tiny_dvc_project(tmp_path_factory.mktemp("dvc workflow"), folder, sha)  # a space
+def project(tmp_path_factory, tiny_mirror, reproduced_template):
+    """A copy of the session's reproduced project (reports/ committed, as in the real
+    repository), and what its first `dvc repro` printed."""
+    folder = tmp_path_factory.mktemp("dvc workflow")  # a space
+    repo, env = copy_reproduced(reproduced_template.folder, folder / "repo", tiny_mirror[0])
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the stages' own log settings, as a user gets them
-    first = dvc(["dvc", "repro"], repo, env)
-    git_commit(repo, env, message="results")  # reports/ committed, as in the real repository
-    return repo, env, first.stdout + first.stderr
+    return repo, env, reproduced_template.output
 
 
 def workspace_state(repo: Path, env: dict) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """The whole pipeline through real DVC and real MLflow, in a temporary copy of the project."""
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from mnist_pipeline.stages.artifacts import HEADLINE_METRICS
-from tests.helpers.workspace import tiny_dvc_project
+from mnist_pipeline.tracking.address import sqlite_path
+from tests.helpers.faults import digests
+from tests.helpers.workspace import copy_reproduced
 from tools.workspace import git_commit
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
@@ -22,13 +25,14 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_mirror):
+def project(tmp_path_factory, tiny_mirror, reproduced_template):
     """A git repository holding the project, set up for tiny data and a 1-epoch training,
-    after one `dvc repro` (shared by this module's tests, which run in order)."""
-    folder, sha = tiny_mirror
-    repo, env = tiny_dvc_project(tmp_path_factory.mktemp("e2e"), folder, sha)
-    first = run(["dvc", "repro"], repo, env)
-    return repo, env, first
+    after one cold `dvc repro` from scratch, and what that repro printed: a copy of the
+    session's reproduced project (shared by this module's tests, which run in order)."""
+    repo, env = copy_reproduced(
+        reproduced_template.folder, tmp_path_factory.mktemp("e2e") / "repo", tiny_mirror[0]
+    )
+    return repo, env, reproduced_template.output
 
 
 @pytest.fixture
@@ -172,3 +176,29 @@ def test_second_concurrent_repro_gets_the_lock_error(project):
     finally:
         rest = first.communicate(timeout=600)[0]
     assert first.returncode == 0, rest
+
+
+def test_a_copy_of_the_reproduced_project_writes_only_to_itself(project, reproduced_template):
+    """The tests above wrote to their copy (a new train run, a queued experiment, a push):
+    the session's template, which other modules copy, is as it was built, and every
+    artifact location in the copy's store is in the copy's own mlartifacts/, which holds
+    the template's artifacts and the new ones. (MLflow's own Default experiment, which the
+    project never logs to, keeps the cwd-relative ./mlruns its creator resolved: the
+    project's relocation leaves what it did not choose to its owner.)"""
+    _, env, _ = project
+    assert digests(reproduced_template.folder) == reproduced_template.digests
+    database = sqlite_path(env["MLFLOW_TRACKING_URI"])
+    with sqlite3.connect(database) as con:
+        locations = [
+            row[0]
+            for query in (
+                "select artifact_location from experiments where experiment_id != 0",
+                "select artifact_uri from runs",
+                "select artifact_location from logged_models",
+            )
+            for row in con.execute(query)
+        ]
+    inside = (database.parent / "mlartifacts").as_uri() + "/"
+    assert locations and all(f"{uri}/".startswith(inside) for uri in locations), locations
+    copied = set(digests(reproduced_template.folder / "mlartifacts"))
+    assert copied < set(digests(database.parent / "mlartifacts"))

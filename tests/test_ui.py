@@ -26,14 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.core.params import compose_params
 from mnist_pipeline.core.supervised import Server, free_port
 from mnist_pipeline.experiments import ui
 from mnist_pipeline.tracking import names
 from tests.helpers.browser import loopback_only
-from tests.helpers.config import edit_yaml
 from tests.helpers.data import TRAIN_SIZE
-from tools.workspace import GIT_IDENTITY, copy_project, git_commit
+from tests.helpers.workspace import copy_reproduced
 
 pytestmark = pytest.mark.heavy
 
@@ -187,25 +185,13 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
-def fill_store(root: Path, mirror: Path, sha: dict[str, str]) -> tuple[Path, dict]:
-    """What a user does after cloning, on tiny data: `dvc repro`, a `dvc exp run` and a
-    2-job sweep, all into the project's own store (``mlflow.db`` in the project, where a
-    plain `mlflow ui` there finds it), in a folder with a space."""
-    repo = copy_project(root / "my project", commit=False)
-    edit_yaml(repo / "conf/data/mnist.yaml", **{f"sha256.{k}": v for k, v in sha.items()})
-    edit_yaml(repo / "conf/train/default.yaml", epochs=1)
-    edit_yaml(repo / "conf/model/mlp.yaml", units=32)
-    (repo / "params.yaml").write_text(compose_params(config_dir=str(repo / "conf")))
-    env = {
-        **os.environ,
-        "MNIST_MIRROR": str(mirror),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",  # the default, spelled out
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": "src",
-        **GIT_IDENTITY,
-    }
-    git_commit(repo, env)
-    _run(["dvc", "repro"], repo, env)
+def fill_store(template: Path, root: Path, mirror: Path) -> tuple[Path, dict]:
+    """What a user does after cloning, on tiny data: `dvc repro` (a copy of the session's
+    reproduced ``template``), a `dvc exp run` and a 2-job sweep, all into the project's own
+    store (``mlflow.db`` in the project, where a plain `mlflow ui` there finds it), in a
+    folder with a space."""
+    repo, env = copy_reproduced(template, root / "my project", mirror, store_in_repo=True)
+    env["PYTHONPATH"] = "src"
     # A validation split, so that the experiment has validation curves too.
     exp = ["-n", "tiny-exp", "-S", "train.epochs=2", "-S", "data.val_split=0.25"]
     _run(["dvc", "exp", "run", *exp], repo, env)
@@ -269,10 +255,9 @@ class UiServer:
 
 
 @pytest.fixture(scope="module")
-def filled(tmp_path_factory, tiny_mirror):
-    folder, sha = tiny_mirror
+def filled(tmp_path_factory, tiny_mirror, reproduced_template):
     assert TRAIN_SIZE  # the tiny data set of conftest
-    return fill_store(tmp_path_factory.mktemp("ui"), folder, sha)
+    return fill_store(reproduced_template.folder, tmp_path_factory.mktemp("ui"), tiny_mirror[0])
 
 
 def runs_by_name(env: dict) -> dict[str, object]:
