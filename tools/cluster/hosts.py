@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,8 +69,20 @@ def require_postgres() -> Path:
 
 
 def postgres_running() -> bool:
-    status = [*AS_POSTGRES, require_postgres() / "pg_ctl", "-D", PG / "data", "status"]
-    return subprocess.run(status, capture_output=True).returncode == 0
+    """Whether the postmaster its lock file names runs. ``pg_ctl status`` (and PostgreSQL's
+    own start-up check) take a killed postmaster that is not yet reaped (a zombie) for a live
+    one: ``up`` then did not start it again. Such a lock file is stale: it goes."""
+    from mnist_pipeline.core.liveness import pid_alive  # the venv's (``down`` runs without)
+
+    lock = PG / "data" / "postmaster.pid"
+    try:
+        pid = int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if pid_alive(pid):
+        return True
+    lock.unlink(missing_ok=True)
+    return False
 
 
 def start_postgres() -> None:

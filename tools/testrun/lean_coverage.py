@@ -38,9 +38,8 @@ def _runs_measured_code(cov: object) -> bool:
 
 def install() -> None:
     """Stop or lighten the coverage this process started with (if any)."""
-    try:
-        import coverage
-    except ImportError:
+    coverage = sys.modules.get("coverage")  # imported at start-up by coverage's .pth if on
+    if coverage is None:
         return
     cov = coverage.Coverage.current()
     if cov is None or cov._collector is None:
