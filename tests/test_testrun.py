@@ -22,7 +22,10 @@ print(traced_at_start, probe_library.TRACED, sys.gettrace() is not None)
 
 def traced(tmp_path: Path, *path: Path) -> list[str]:
     """Whether coverage traces: at start-up, while a library is first imported, after it."""
-    (tmp_path / "probe_library.py").write_text("import sys\nTRACED = sys.gettrace() is not None\n")
+    library = tmp_path / "probe_library"  # a library importing its own parts relatively
+    library.mkdir(exist_ok=True)
+    (library / "__init__.py").write_text("from .part import TRACED\n")
+    (library / "part.py").write_text("import sys\nTRACED = sys.gettrace() is not None\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTRUN, tmp_path, *path]))}
     result = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True

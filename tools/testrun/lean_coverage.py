@@ -53,8 +53,10 @@ def install() -> None:
 
     def lean_import(name, globals=None, locals=None, fromlist=(), level=0):
         nonlocal paused
-        top = name.partition(".")[0]
-        ours = level > 0 or top in OURS
+        # A relative import belongs to the package that makes it (a library's own, often).
+        package = (globals or {}).get("__package__") or "" if level else name
+        top = package.partition(".")[0]
+        ours = top in OURS
         if paused == ours and (ours or top not in sys.modules) and _one_thread(collector):
             # Not paused and a library's first import: pause. Paused and ours: trace it.
             (collector.resume if paused else collector.pause)()
