@@ -159,17 +159,26 @@ def set_up(args: argparse.Namespace) -> Workspace:
     )
 
 
+def baseline_cmd(ws: Workspace) -> list[str]:
+    """The book's script on the raw files in the workspace (the download stage's output)."""
+    return [str(ws.baseline_python), str(ROOT / "bench/baseline.py"), "data/raw"]
+
+
 def time_repro(ws: Workspace, repeat: int) -> dict:
     """A full `dvc repro` from an empty cache and outputs (are its reports the committed
     ones?), then a no-op one: ``full_repro`` and ``noop_repro`` of the results."""
     print("full dvc repro from empty cache and outputs ...", flush=True)
-    full, full_metrics = [], []
+    full, full_metrics, beside = [], [], []
     for _ in range(repeat):
         clear_outputs(ws.work)
         full.append(measure(["dvc", "repro"], ws.work, ws.env, ws.log))
         full_metrics.append(
             {name: (ws.work / "reports" / name).read_bytes() for name in REFERENCE_REPORTS}
         )
+        # The book's script right after each repro, on the files it downloaded: the repro's
+        # ratio is taken side by side, as the stages' are (interleaved with the script), not
+        # against runs minutes later on a machine whose speed has drifted since.
+        beside.append(measure(baseline_cmd(ws), ws.work, ws.base_env, ws.log))
     metrics = json.loads(full_metrics[-1]["metrics.json"])
     reference = {name: (ROOT / "reports" / name).read_bytes() for name in REFERENCE_REPORTS}
     identical = all(m == reference for m in full_metrics)
@@ -179,6 +188,8 @@ def time_repro(ws: Workspace, repeat: int) -> dict:
     return {
         "full_repro": {
             **summary(full),
+            "baseline_beside": summary(beside),
+            "pairs_wall_s": [[f.wall_s, b.wall_s] for f, b in zip(full, beside, strict=True)],
             "test_accuracy": metrics["test_accuracy"],
             "metrics": metrics,
             "reports_identical_to_committed": identical,
@@ -211,14 +222,7 @@ def time_baseline_and_stages(ws: Workspace, repeat: int) -> StageRuns:
     # seeded. For a fair accuracy comparison its repetitions use seeds 42, 43, ...
     runs = StageRuns([], [], {s: [] for s in STAGES}, [], [])
     for i in range(repeat):
-        runs.baseline.append(
-            measure(
-                [str(ws.baseline_python), str(ROOT / "bench/baseline.py"), "data/raw"],
-                ws.work,
-                ws.base_env,
-                ws.log,
-            )
-        )
+        runs.baseline.append(measure(baseline_cmd(ws), ws.work, ws.base_env, ws.log))
         lines = [ln for ln in ws.log.read_text().splitlines() if ln.startswith('{"fit_seconds"')]
         runs.baseline_runs.append(json.loads(lines[-1]))
         shutil.rmtree(ws.work / "data/raw")  # as dvc repro does: a stage's outputs go first
