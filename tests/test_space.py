@@ -32,7 +32,7 @@ def test_sizes_come_from_dvc_lock_and_the_known_sizes_fill_in(tmp_path):
     ]
     (tmp_path / "dvc.lock").unlink()  # a fresh repository: the full MNIST run's sizes
     sizes = space.last_sizes(tmp_path / "dvc.lock", main)
-    assert sizes[0] == ("preprocess", tmp_path / "data/processed", 4 * 70_000 * 784 + 71_196)
+    assert sizes[0] == ("preprocess", tmp_path / "data/processed", 70_000 * 784 + 71_196)
 
 
 def test_what_each_disk_needs(tmp_path):

@@ -17,6 +17,7 @@ from mnist_pipeline.stages.artifacts import (
     MNIST_FILES,
     load_model,
     load_processed,
+    scaled,
 )
 from tests.helpers.config import compose_config, sha_overrides
 from tests.helpers.data import TEST_SIZE, TRAIN_SIZE, synthetic_digits
@@ -30,13 +31,17 @@ def test_preprocess_outputs(prepared):
     out = Path(prepared.paths.processed)
     x_train = np.load(out / "x_train.npy", mmap_mode="r", allow_pickle=False)
     y_train = np.load(out / "y_train.npy", allow_pickle=False)
-    assert x_train.shape == (TRAIN_SIZE, 784) and x_train.dtype == np.float32
-    assert x_train.min() >= 0.0 and x_train.max() == 1.0
+    # Stored as the pixels are; the network reads them scaled, with the book's bits.
+    assert x_train.shape == (TRAIN_SIZE, 784) and x_train.dtype == np.uint8
+    assert x_train.max() == 255
+    features = scaled(x_train)
+    assert features.dtype == np.float32 and features.max() == 1.0
+    np.testing.assert_array_equal(features, np.asarray(x_train).astype("float32") / 255)
     assert y_train.dtype == np.uint8 and set(np.unique(y_train)) == set(range(10))
     stats = json.loads((Path(prepared.paths.reports) / "data.json").read_text())
     assert stats["train_count"] == TRAIN_SIZE and stats["test_count"] == TEST_SIZE
     assert sum(stats["class_counts"]["train"].values()) == TRAIN_SIZE
-    assert stats["train_pixel_mean"] == pytest.approx(x_train.mean() * 255, rel=1e-5)
+    assert stats["train_pixel_mean"] == pytest.approx(x_train.mean(), rel=1e-5)
 
 
 def test_validation_split_is_seeded_and_disjoint(tiny_mirror, tiny_cfg):
@@ -128,13 +133,14 @@ def test_train_then_evaluate_fill_one_mlflow_run(prepared):
     assert dataset.name == "mnist-train"
     # The schema MLflow infers with SciPy, built without it (.venv has none).
     schema = {k: json.loads(v) for k, v in json.loads(dataset.schema)["mlflow_tensorspec"].items()}
-    assert schema == {"features": tensors("float32", 784), "targets": tensors("uint8")}
+    assert schema == {"features": tensors("uint8", 784), "targets": tensors("uint8")}
 
     # The logged model loads back through MLflow and predicts the same classes.
     x_test, _ = load_processed(prepared.paths.processed, "test")
     logged = mlflow.pyfunc.load_model(run_ref["model_uri"])
     keras_model = mlflow.keras.load_model(run_ref["model_uri"])
-    predicted = np.asarray(logged.predict(np.asarray(x_test))).argmax(axis=1)
+    x_test = scaled(x_test)
+    predicted = np.asarray(logged.predict(x_test)).argmax(axis=1)
     np.testing.assert_array_equal(predicted, keras_model.predict(x_test, verbose=0).argmax(1))
     signature = logged.metadata.signature
     assert json.loads(signature.inputs.to_json()) == tensors("float32", 784)
@@ -278,3 +284,13 @@ def test_confusion_png_has_actual_rows_and_predicted_columns(tmp_path):
     # Counts are written: white text inside the dark cell.
     cell = image[rows.min() : rows.max(), cols.min() : cols.max()]
     assert (cell.min(axis=2) > 200).any()
+
+
+def test_arrays_stored_scaled_by_an_earlier_preprocess_are_refused(prepared):
+    """data/processed from before the arrays were stored as pixels (float32 in [0, 1]):
+    one line that says to run the stage again, not a network fed pixels divided twice."""
+    out = Path(prepared.paths.processed)
+    x_test = np.load(out / "x_test.npy")
+    np.save(out / "x_test.npy", x_test.astype(np.float32) / 255, allow_pickle=False)
+    with pytest.raises(DataError, match=r"float32, not uint8 pixels: .* run `dvc repro`"):
+        scaled(load_processed(out, "test")[0])

@@ -36,11 +36,11 @@ from mnist_pipeline.core.errors import PipelineError
 MB = 1_000_000
 
 #: What each stage writes on the full MNIST data (dvc.lock of `make repro`), for an output
-#: that dvc.lock does not list: the four gzipped files; the float32 arrays, 4 x 70000 x 784
-#: bytes and their labels; the Keras model and run record; the reports.
+#: that dvc.lock does not list: the four gzipped files; the uint8 arrays, 70000 x 784 bytes,
+#: and their labels; the Keras model and run record; the reports.
 KNOWN_SIZES = {
     "download": 11_401_738,
-    "preprocess": 4 * 70_000 * 784 + 71_196,
+    "preprocess": 70_000 * 784 + 71_196,
     "train": 3_276_723,
     "evaluate": 50_568,
 }

@@ -43,6 +43,9 @@ NUM_CLASSES = 10
 INPUT_DIM = 28 * 28
 
 SPLITS = ("train", "val", "test")
+#: How data/processed stores images: uint8 pixels, scaled where they are read (``scaled``).
+#: Part of ``inputs_key``: a folder made by code that stored them otherwise is made again.
+PROCESSED_FORMAT = "uint8 pixels"
 #: How an output changed behind DVC's back is put back (docs/failures.md, class 10). DVC
 #: trusts its read-only cache files without re-hashing them (dvc-data 3.18.3,
 #: ``LocalHashFileDB.check``), so a damaged copy there comes back with each checkout; made
@@ -86,9 +89,10 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
 
 def inputs_key(cfg: PipelineConfig) -> str:
     """What the processed data is a function of: the params ``dvc.yaml`` lists for the
-    download and preprocess stages (the raw data's checksums, the split, the seed). Equal
-    keys mean equal outputs."""
+    download and preprocess stages (the raw data's checksums, the split, the seed) and the
+    arrays' format. Equal keys mean equal outputs."""
     inputs = select(flatten(cfg), stage_params("download", "preprocess"))
+    inputs["format"] = PROCESSED_FORMAT
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -128,6 +132,20 @@ def load_processed(
             f"{folder}: corrupt array file ({exc}); {RESTORE.format(path=folder)}"
         ) from None
     return x, y
+
+
+def scaled(x: np.ndarray) -> np.ndarray:
+    """Stored pixels (uint8, 0-255) -> the network's input, float32 in [0, 1]: the book's
+    ``astype("float32") / 255``, the same bits. Other arrays are refused: a folder written
+    by an earlier preprocess stage, which stored them scaled already."""
+    if x.dtype != np.uint8:
+        raise DataError(
+            f"the processed arrays hold {x.dtype}, not uint8 pixels: an earlier version of the "
+            "preprocess stage wrote them; run `dvc repro` to write them again"
+        )
+    features = x.astype(np.float32)
+    features /= 255.0  # in place: the same values as ``/ 255.0``, without a second copy
+    return features
 
 
 def verify_processed(

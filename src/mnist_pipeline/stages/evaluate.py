@@ -104,7 +104,7 @@ def evaluate(cfg: PipelineConfig) -> dict:
     artifacts.verify_processed(cfg.paths.processed, {"test": (x_test, y_test)})
     model = artifacts.load_model(models, run.get("model_sha256"))
     log_filter.quiet_progress()
-    probabilities, test_loss = predict_with_loss(model, x_test, y_test)
+    probabilities, test_loss = predict_with_loss(model, artifacts.scaled(x_test), y_test)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_test, predicted)
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)

@@ -1,7 +1,9 @@
-"""Stage 2, preprocess: IDX files -> float32 arrays in [0, 1], one 784-vector per image.
+"""Stage 2, preprocess: IDX files -> checked arrays, one 784-vector of pixels per image.
 
-Writes ``.npy`` files (memory-mappable, no pickle) to ``data/processed``; labels stay
-integers (one-hot encoding is the train stage's business). An optional validation split is
+Writes ``.npy`` files (memory-mappable, no pickle) to ``data/processed``: the pixels stay
+uint8, a quarter of float32's size on disk and in DVC's cache for every data version, and
+become the network's float32 in [0, 1] where they are read (``artifacts.scaled``); labels
+stay integers (one-hot encoding is the train stage's business). An optional validation split is
 carved from the training set with the configured seed. Dataset statistics go to a plain
 file (``dvc metrics show reports/data.json``) and to MLflow. This module does not import
 TensorFlow.
@@ -65,10 +67,9 @@ def load_pair(raw: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, 
 
 
 def to_features(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, 28, 28) -> float32 (n, 784) in [0, 1], as the book does."""
-    features = images.reshape(len(images), -1).astype(np.float32)
-    features /= 255.0  # in place: the same values as ``/ 255.0``, without a second copy
-    return features
+    """uint8 (n, 28, 28) -> uint8 (n, 784), one row per image, as the book flattens them
+    (its ``/ 255`` is ``artifacts.scaled``, where the arrays are read)."""
+    return images.reshape(len(images), -1)
 
 
 def split(

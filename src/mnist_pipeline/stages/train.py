@@ -71,7 +71,7 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
     dist = distribute.setup(cfg.train.strategy)
     if dist.chief:
         artifacts.clear_run_ref(models)
-    example = np.array(x_mapped[:5])
+    example = artifacts.scaled(x_mapped[:5])  # what the model reads, logged with it
     seed_everything(cfg.seed)
     # After seed_everything: its clear_session resets Keras's global state.
     progress_bar = log_filter.quiet_progress()
@@ -125,13 +125,14 @@ def train(cfg: PipelineConfig, job: tracking.JobContext | None = None) -> dict[s
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
-    """One copy, in TensorFlow's memory, shared by fit and evaluate: NumPy inputs would be
-    converted again by each call (about 250 MB more at the peak, and slower)."""
+    """The pixels scaled to [0, 1], then one copy in TensorFlow's memory, shared by fit and
+    evaluate: NumPy inputs would be converted again by each call (about 250 MB more at the
+    peak, and slower)."""
     import keras
     import tensorflow as tf
 
     y_onehot = keras.utils.to_categorical(y, artifacts.NUM_CLASSES)
-    return tf.convert_to_tensor(x), tf.convert_to_tensor(y_onehot)
+    return tf.convert_to_tensor(artifacts.scaled(x)), tf.convert_to_tensor(y_onehot)
 
 
 def fit(
