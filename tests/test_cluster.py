@@ -168,11 +168,13 @@ def test_push_from_one_worker_and_pull_on_the_other(project, tmp_path):
         assert (clone / path).read_bytes() == (repo / path).read_bytes()
 
 
-#: Posts the test set (data/processed/x_test.npy) from a worker; prints the digits served.
+#: Posts the test set (data/processed/x_test.npy, pixels scaled to [0, 1]) from a worker;
+#: prints the digits served.
 POST_TEST_SET = """
 import json, sys, urllib.request
 import numpy as np
-body = json.dumps({"inputs": np.load("data/processed/x_test.npy").tolist()}).encode()
+pixels = np.load("data/processed/x_test.npy") / np.float32(255)
+body = json.dumps({"inputs": pixels.tolist()}).encode()
 request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
 answers = json.load(urllib.request.urlopen(request, timeout=60))["predictions"]
 print(json.dumps([a["digit"] for a in answers]))

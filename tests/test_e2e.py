@@ -72,7 +72,7 @@ def test_dvc_repro_end_to_end(project, store):
 
     # The logged model reproduces the reported test accuracy.
     model = mlflow.pyfunc.load_model(run_ref["model_uri"])
-    x_test = np.load(repo / "data/processed/x_test.npy", allow_pickle=False)
+    x_test = np.load(repo / "data/processed/x_test.npy", allow_pickle=False) / np.float32(255)
     y_test = np.load(repo / "data/processed/y_test.npy", allow_pickle=False)
     accuracy = (np.asarray(model.predict(x_test)).argmax(axis=1) == y_test).mean()
     assert accuracy == pytest.approx(shown["test_accuracy"], abs=1e-6)

@@ -522,7 +522,7 @@ def test_serve_champion_over_http(in_project, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is champion" in result.stdout or "already the champion" in result.stdout
 
-    x_test = np.load(work / "data/processed/x_test.npy")
+    x_test = np.load(work / "data/processed/x_test.npy") / np.float32(255)  # what it serves
     pngs = tmp_path / "pngs"
     expected = write_pngs(pngs, arrays, 10)
     from_files = np.stack([images.image_to_pixels(p) for p in sorted(expected)])
@@ -621,7 +621,7 @@ model = mlflow.pyfunc.load_model("models:/mnist@champion")
 x = np.load("x_test.npy")[:3]
 print(json.dumps(model.predict(x)["digit"].tolist()))
 """
-    np.save(tmp_path / "x_test.npy", np.load(work / "data/processed/x_test.npy"))
+    np.save(tmp_path / "x_test.npy", np.load(work / "data/processed/x_test.npy") / np.float32(255))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = run_with_only(["mlflow", "tensorflow"], script, tmp_path, env)
     assert done.returncode == 0, done.stderr[-3000:]
