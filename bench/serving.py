@@ -37,6 +37,7 @@ import numpy as np
 import psutil
 
 from mnist_pipeline.core.supervised import Server, free_port
+from mnist_pipeline.stages.artifacts import scaled
 
 #: (what, images per request, concurrent clients)
 LOADS = (
@@ -56,7 +57,7 @@ def payloads(processed: Path, folder: Path) -> dict[int, Path]:
     x = np.load(processed / "x_test.npy", mmap_mode="r")
     bodies = {}
     for images in sorted({n for _, n, _ in LOADS}):
-        rows = np.round(np.asarray(x[:images], dtype=np.float64), 4).tolist()
+        rows = np.round(scaled(x[:images]).astype(np.float64), 4).tolist()
         bodies[images] = folder / f"request-{images}.json"
         bodies[images].write_text(json.dumps({"inputs": rows}))
     return bodies
@@ -120,7 +121,9 @@ def drive(
     ):
         started_s = server.wait_until_up(timeout_s=300)
         for body in bodies.values():  # the first calls trace the model's function
-            ab(f"{url}/invocations", body, 1, 2)
+            warm = ab(f"{url}/invocations", body, 1, 2)
+            if warm["failed"]:  # timing refusals would say nothing about serving
+                raise SystemExit(f"error: the server refused the bench's request {body}")
         rss_start = tree_rss_mb(server.process.pid)
         loads = {}
         for what, images, clients in LOADS:
@@ -259,7 +262,7 @@ def predict_split(work: Path, env: dict, folder: Path) -> dict:
     x = np.load(work / "data" / "processed" / "x_test.npy", mmap_mode="r")[:PICTURES]
     folder.mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(x):
-        grey = np.round(255 - np.asarray(row).reshape(28, 28) * 255).astype(np.uint8)
+        grey = 255 - np.asarray(row).reshape(28, 28)  # the stored pixels, dark on light
         Image.fromarray(grey).resize((112, 112), Image.Resampling.BILINEAR).save(
             folder / f"{i:04d}.png"
         )

@@ -1,5 +1,6 @@
 """The benchmark's baseline environment stays what the issue asks: TensorFlow, Keras and
-NumPy alone, pinned exactly as uv.lock pins them (bench/tf_requirements.py)."""
+NumPy alone, pinned exactly as uv.lock pins them (bench/tf_requirements.py); its serving
+loads send requests the server takes."""
 
 import importlib.util
 import shutil
@@ -75,3 +76,17 @@ def test_make_bench_builds_the_baseline_environment_first(tmp_path):
     assert commands.index(".venv-tf/bin/python bench/requirements-tf.txt") < commands.index(
         "-m bench.run"
     )
+
+
+def test_serving_requests_are_what_the_contract_takes(prepared, tmp_path):
+    """The bench's request bodies, made from the stored test pixels, pass the serving
+    contract: a load of refused requests would time the refusal, not the model."""
+    import json
+    from pathlib import Path
+
+    from bench.serving import payloads
+    from mnist_pipeline.serving.contract import check_pixels
+
+    for images, body in payloads(Path(prepared.paths.processed), tmp_path).items():
+        x = check_pixels(json.loads(body.read_text())["inputs"])
+        assert x.shape == (images, 784) and 0 < x.max() <= 1
